@@ -146,6 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.with_time_emb = True
   # unet: add the input image to the output.
   model.residual = False
+  # unet: heads and channels per head of every LinearAttention (official: 4 x
+  # 32 at every width; smaller values only for quick CPU runs).
+  model.attn_heads = 4
+  model.attn_dim_head = 32
   # ddpm: base width.
   model.ch = 128
   # ddpm: width multiplier per resolution level.
@@ -305,6 +309,8 @@ def apply_variant(config: ml_collections.ConfigDict,
   # arg == "smoke".
   config.model.dim = 8
   config.model.dim_mults = (1, 2)
+  config.model.attn_heads = 1
+  config.model.attn_dim_head = 8
   config.model.ch = 32  # Still a multiple of the 32 GroupNorm groups.
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1

@@ -146,6 +146,13 @@ class Degradation(abc.ABC):
     """The network input of a training example: D(x0, s), quantised if discrete."""
     return self.quantize(self.apply(x0, s, aux))
 
+  def initial_state(self, x0: jax.Array, aux: Aux = None) -> jax.Array:
+    """The sampler's start x_T for a clean batch in conditional evaluation.
+
+    D(x0, T); families whose official evaluation quantises x_T override this.
+    """
+    return self.apply(x0, jnp.full((x0.shape[0],), self.num_steps, jnp.int32), aux)
+
   def estimate_aux(self, x_s: jax.Array, x0_hat: jax.Array, s: jax.Array) -> Aux:
     """Re-estimates `aux` from a state and a clean estimate (DDIM-style sampling).
 

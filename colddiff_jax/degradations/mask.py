@@ -152,6 +152,10 @@ class GaussianMask(_MaskBase):
     self.check_input(x0)
     return self.masks(s, aux, x0.shape[0])[..., None] * x0
 
+  def initial_state(self, x0: jax.Array, aux: base.Aux = None) -> jax.Array:
+    """x_T; the official inpainting evaluation quantises it when discrete."""
+    return self.quantize(super().initial_state(x0, aux))
+
 
 @base.register("mask_generation")
 class MaskGeneration(_MaskBase):

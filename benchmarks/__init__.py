@@ -1,0 +1,1 @@
+"""Speed benchmarks; run each with `python -m benchmarks.<module>`."""

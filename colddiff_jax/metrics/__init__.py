@@ -1,0 +1,1 @@
+"""Image-quality metrics of the official evaluation (SSIM, RMSE; FID later)."""

@@ -1,0 +1,227 @@
+"""Training: sharded step parity, EMA, loss, checkpoints/resume, CLI."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from colddiff_jax import checkpointing
+from colddiff_jax import degradations
+from colddiff_jax import input_pipeline
+from colddiff_jax import models
+from colddiff_jax import parallel
+from colddiff_jax import train
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from configs import quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+_CACHE_FLAGS = {
+    "jax_disable_most_optimizations": True,
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles(tmp_path_factory):
+  """Compile time dominates these tests: skip XLA's slow optimisation passes and
+  share compiled programs between the runs (and CLI subprocesses) of a test
+  through a persistent compilation cache."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  flags = dict(_CACHE_FLAGS, jax_compilation_cache_dir=cache)
+  previous = {}
+  for k in flags:
+    try:
+      previous[k] = jax.config.read(k)
+    except AttributeError:  # flags with a context manager are read as attributes
+      previous[k] = getattr(jax.config, k)
+  for k, v in flags.items():
+    jax.config.update(k, v)
+  os.environ["COLDDIFF_TEST_JAX_CACHE"] = cache
+  try:
+    yield
+  finally:
+    for k, v in previous.items():
+      jax.config.update(k, v)
+
+
+def tiny_config(**train):
+  config = quickstart.get_config("smoke")
+  config.degradation.time_steps = 4
+  config.optim.grad_accum = 2
+  config.optim.learning_rate = 1e-3
+  config.eval.num_images = 16
+  config.train.update(dict(num_steps=4, ckpt_every=2, sample_every=2, log_every=1,
+                           keep=5, ema_start=2, ema_every=1))
+  config.train.update(train)
+  return config
+
+
+def _setup(config, mesh):
+  deg = degradations.build(config.degradation, config.data.image_size, config.data.channels)
+  model = models.build(config.model, config.data.channels, config.data.image_size,
+                       rngs=nnx.Rngs(config.seed))
+  tx = train.make_optimizer(config.optim)
+  apply_fn = train.make_apply_fn(model)
+  state = jax.device_put(train.create_state(config, model, tx), parallel.replicated(mesh))
+  step = train.jit_train_step(train.make_train_step(config, deg, apply_fn, tx), mesh)
+  return state, step
+
+
+def _batch(config, mesh, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(-1, 1, (config.optim.grad_accum, config.train.batch_size, 32, 32, 1))
+  return {"image": parallel.global_batch(x.astype(np.float32), mesh, batch_axis=1)}
+
+
+def test_step_on_8_devices_equals_step_on_1():
+  assert jax.device_count() == 8
+  config = tiny_config()
+  results = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    mesh = parallel.make_mesh(None, devices)
+    state, step = _setup(config, mesh)
+    batch = _batch(config, mesh)
+    assert batch["image"].sharding.num_devices == len(devices)
+    for _ in range(2):
+      state, metrics = step(state, batch)
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (s8, m8), (s1, m1) = results
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s8["params"]), jax.tree.leaves(s1["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s8["ema"]), jax.tree.leaves(s1["ema"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_loss_decreases():
+  config = tiny_config()
+  mesh = parallel.make_mesh(None)
+  state, step = _setup(config, mesh)
+  digits = input_pipeline.eval_images(config.data, 16).reshape(2, 8, 32, 32, 1)
+  batch = {"image": parallel.global_batch(digits, mesh, batch_axis=1)}
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_ema_semantics_are_official():
+  ema = {"w": jnp.array([1.0, 2.0])}
+  params = {"w": jnp.array([3.0, 5.0])}
+  kw = dict(decay=0.995, every=10, start=2000)
+  # Before start_step, every 10th step copies the weights.
+  np.testing.assert_array_equal(train.ema_update(ema, params, 0, **kw)["w"], [3.0, 5.0])
+  np.testing.assert_array_equal(train.ema_update(ema, params, 1990, **kw)["w"], [3.0, 5.0])
+  # Off-cadence steps leave it alone.
+  np.testing.assert_array_equal(train.ema_update(ema, params, 2005, **kw)["w"], [1.0, 2.0])
+  # From start_step on, it decays.
+  np.testing.assert_allclose(train.ema_update(ema, params, 2000, **kw)["w"],
+                             [0.995 * 1 + 0.005 * 3, 0.995 * 2 + 0.005 * 5], rtol=1e-7)
+
+
+def test_batch_must_divide_devices():
+  config = tiny_config(batch_size=12)
+  with pytest.raises(ValueError, match="train.batch_size=12"):
+    train.train_and_evaluate(config, "/nonexistent/never/written")
+
+
+def _final_params(workdir, config):
+  mesh = parallel.make_mesh(None)
+  model = models.build(config.model, 1, 32, rngs=nnx.Rngs(0))
+  template = jax.device_put(
+      train.create_state(config, model, train.make_optimizer(config.optim)),
+      parallel.replicated(mesh))
+  ckpt = checkpointing.Checkpointer(workdir, keep=5)
+  state, data_state = ckpt.restore(template)
+  ckpt.close()
+  return jax.device_get(state), data_state
+
+
+def test_train_writes_outputs_and_resumes_exactly(tmp_path):
+  resumed_dir, straight_dir = str(tmp_path / "resumed"), str(tmp_path / "straight")
+  first = train.train_and_evaluate(tiny_config(num_steps=4), resumed_dir)
+  assert first["step"] == 4 and first["start_step"] == 0
+  assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["2", "4"]
+  assert glob.glob(os.path.join(resumed_dir, "events.out.tfevents.*"))
+  assert sorted(os.listdir(os.path.join(resumed_dir, "samples"))) == [
+      "step_00000002.png", "step_00000004.png"]
+  with open(os.path.join(resumed_dir, "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == 4
+  with open(os.path.join(resumed_dir, "eval", "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["num_images"] == 16 and set(metrics) >= {"degraded", "direct", "sampled"}
+
+  second = train.train_and_evaluate(tiny_config(num_steps=6), resumed_dir)
+  assert second["start_step"] == 4 and second["step"] == 6
+  train.train_and_evaluate(tiny_config(num_steps=6), straight_dir)
+
+  resumed, resumed_data = _final_params(resumed_dir, tiny_config())
+  straight, straight_data = _final_params(straight_dir, tiny_config())
+  assert int(resumed["step"]) == int(straight["step"]) == 6
+  assert resumed_data == straight_data
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_preemption_saves_and_stops(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                      lambda self, step: step == 1)
+  result = train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path))
+  assert result["stopped_early"] and result["step"] == 1
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_sigterm_sets_the_stop_flag():
+  stop = checkpointing.StopSignal()
+  try:
+    os.kill(os.getpid(), 15)
+    assert stop.requested
+  finally:
+    stop.restore()
+
+
+def _cli(*args, timeout=600):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
+  env.update({k.upper(): str(v) for k, v in _CACHE_FLAGS.items()})
+  return subprocess.run([sys.executable, "-m", "colddiff_jax.main", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_unknown_key_fails_with_its_name(tmp_path):
+  out = _cli("--config=configs/quickstart.py:smoke", "--config.train.num_stepz=3",
+             f"--workdir={tmp_path}")
+  assert out.returncode != 0
+  assert "num_stepz" in out.stderr
+
+
+# The overrides that turn the smoke config into `tiny_config()`, so that the CLI
+# runs reuse the programs the in-process tests compiled (persistent cache).
+TINY_FLAGS = ("--config.degradation.time_steps=4", "--config.optim.grad_accum=2",
+              "--config.eval.num_images=16", "--config.train.ema_start=2",
+              "--config.train.ema_every=1", "--config.train.sample_every=2")
+
+
+def test_cli_trains_with_overrides_then_samples(tmp_path):
+  out = _cli("--config=configs/quickstart.py:smoke", "--config.train.num_steps=2",
+             *TINY_FLAGS, f"--workdir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["num_steps"] == 2
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+  out = _cli("--config=configs/quickstart.py:smoke", *TINY_FLAGS, "--mode=sample",
+             f"--workdir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sample_00000002.png" in os.listdir(tmp_path / "samples")

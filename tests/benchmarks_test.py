@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import degradations as bench
+from benchmarks import train_step
 from colddiff_jax import degradations
 
 
@@ -64,3 +65,37 @@ def test_chain_equals_table_for_other_routines(cfg):
   table = deg.apply(x0, jnp.full((2,), deg.num_steps), aux)
   chain = jax.jit(bench.CHAINS[cfg["name"]](deg))(x0, aux)
   np.testing.assert_allclose(np.asarray(chain), np.asarray(table), atol=2e-6)
+
+
+def test_train_step_quick_run_times_both_configs(tmp_path, capsys):
+  """benchmarks/train_step.py --quick: tiny U-Net, both configs, in process."""
+  out = tmp_path / "results" / "train_step.json"
+  train_step.main(["--quick", "--in-process", "--out", str(out)])
+
+  data = json.loads(out.read_text())
+  for key in ("date", "jax_version", "backend", "device_kind", "cpu_count"):
+    assert data[key]
+  rows = data["results"]
+  assert [r["case"] for r in rows] == list(train_step.CASES)
+  for r, case in zip(rows, train_step.CASES.values()):
+    assert r["images_per_step"] == r["batch"] * r["grad_accum"] == 16
+    assert r["compile_s"] > 0 and r["step_s"] > 0 and r["runs"] >= 1
+    assert r["img_per_s"] == pytest.approx(16 / r["step_s"])
+    assert r["ratio"] == pytest.approx(r["img_per_s"] / case.official_img_s)
+    assert np.isfinite(r["loss"])
+    assert r["peak_memory_mib"] is not None and r["memory_source"]
+    assert r["comparable"] is False  # --quick: not the official batch/size
+  assert rows[1]["time_steps"] == 200 and rows[1]["channels"] == 3
+  assert [t["conclusive"] for t in data["targets"]] == [False, False]
+  printed = capsys.readouterr().out
+  assert "img/s" in printed and "Target mnist_blur" in printed
+
+  # The per-config worker processes get the same settings back.
+  args = train_step.parse_args(["--quick", "--dtype", "bfloat16",
+                                "--grad-accum", "3", "--peak-tflops", "100"])
+  worker = train_step.parse_args(
+      train_step._worker_argv(args, "celeba_blur", "row.json")[3:])
+  assert worker.worker_out == "row.json" and worker.cases == ["celeba_blur"]
+  for key in ("quick", "dtype", "grad_accum", "peak_tflops", "repeats",
+              "budget", "batch", "mesh_data", "seed"):
+    assert getattr(worker, key) == getattr(args, key), key

@@ -48,11 +48,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib
-import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -62,6 +59,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks import common
 
 from colddiff_jax import degradations as deglib
 from colddiff_jax.degradations import blur as blur_lib
@@ -344,9 +343,6 @@ def run_case(family: str, config_name: str, setting: int, image_size: int,
   return row
 
 
-def _fmt(value, spec: str) -> str:
-  return "-" if value is None else format(value, spec)
-
 
 def format_table(rows: list[dict]) -> str:
   """The results as a fixed-width text table."""
@@ -357,9 +353,9 @@ def format_table(rows: list[dict]) -> str:
     name = r["config"] + ("*" if r["image_size"] != r["config_image_size"] else "")
     lines.append(
         f"{r['family']:<16} {name:<27} {r['image_size']:>5} {r['time_steps']:>4} "
-        f"{r['table_ms']:>10.3f} {_fmt(r['chain_ms'], '11.1f'):>11} "
-        f"{_fmt(r['speedup'], '8.1f') + ('x' if r['speedup'] else ''):>9} "
-        f"{_fmt(r['max_abs_err'], '9.1e'):>9}")
+        f"{r['table_ms']:>10.3f} {common.fmt(r['chain_ms'], '11.1f'):>11} "
+        f"{common.fmt(r['speedup'], '8.1f') + ('x' if r['speedup'] else ''):>9} "
+        f"{common.fmt(r['max_abs_err'], '9.1e'):>9}")
   lines.append("* config built at a size other than its own data.image_size.")
   return "\n".join(lines)
 
@@ -381,21 +377,6 @@ def check_target(rows: list[dict], quick: bool) -> dict | None:
       }
   return None
 
-
-def environment() -> dict:
-  """JAX version, backend, device and date of this run."""
-  device = jax.devices()[0]
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "jax_version": jax.__version__,
-      "jaxlib_version": jax.lib.__version__,
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "python": platform.python_version(),
-      "machine": platform.machine(),
-  }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -431,7 +412,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
   """Runs the benchmark, prints the table and writes the JSON; returns it."""
   args = parse_args(argv)
-  env = environment()
+  env = common.environment()
   print(f"jax {env['jax_version']} | backend {env['backend']} | device "
         f"{env['device_kind']} | batch {args.batch} | {env['date']}"
         + (" | QUICK" if args.quick else ""), flush=True)
@@ -469,9 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "results": rows,
       "target": target,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {args.out}")
+  common.write_json(args.out, result)
   return result
 
 

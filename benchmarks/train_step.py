@@ -79,24 +79,24 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import datetime
 import gc
 import importlib
 import json
 import math
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
+
+from benchmarks import common
 from flax import nnx
 
 from colddiff_jax import degradations
@@ -399,9 +399,6 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------ report ----
 
 
-def _fmt(value, spec: str) -> str:
-  return "-" if value is None else format(value, spec)
-
 
 def _params(n: int) -> str:
   return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n / 1e3:.1f}k"
@@ -422,10 +419,10 @@ def format_table(rows: list[dict], with_mfu: bool) -> str:
             f"{str(r['batch']) + 'x' + str(r['grad_accum']):>6} "
             f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['runs']:>4} "
             f"{r['img_per_s']:>8.2f} {r['official_img_per_s']:>8.2f} "
-            f"{r['ratio']:>6.2f}x {_fmt(r['peak_memory_mib'], '9.0f'):>9}")
+            f"{r['ratio']:>6.2f}x {common.fmt(r['peak_memory_mib'], '9.0f'):>9}")
     if with_mfu:
-      line += (f" {_fmt(r['tflop_per_s'], '8.2f'):>8} "
-               f"{_fmt(r['mfu'] and 100 * r['mfu'], '5.1f') + '%':>6}")
+      line += (f" {common.fmt(r['tflop_per_s'], '8.2f'):>8} "
+               f"{common.fmt(r['mfu'] and 100 * r['mfu'], '5.1f') + '%':>6}")
     lines.append(line)
   lines.append("batch = images per micro-batch x grad_accum; img/s counts "
                "every image of a step; official = PyTorch img/s, same CPU.")
@@ -445,27 +442,6 @@ def check_target(rows: list[dict]) -> list[dict]:
       "conclusive": r["comparable"],
   } for r in rows]
 
-
-def environment() -> dict:
-  """JAX version, backend, device, CPU count, load and date of this run."""
-  device = jax.devices()[0]
-  try:
-    load = list(os.getloadavg())
-  except OSError:
-    load = None
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "jax_version": jax.__version__,
-      "jaxlib_version": jax.lib.__version__,
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "load_average": load,
-      "python": platform.python_version(),
-      "machine": platform.machine(),
-  }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -531,10 +507,10 @@ def _main(args: argparse.Namespace) -> dict | None:
       json.dump(row, f)
     return None
 
-  env = environment()
+  env = common.environment()
   print(f"jax {env['jax_version']} | backend {env['backend']} | device "
         f"{env['device_kind']} x{env['device_count']} | {env['cpu_count']} "
-        f"CPUs | load {_fmt(env['load_average'] and env['load_average'][0], '.2f')}"
+        f"CPUs | load {common.fmt(env['load_average'] and env['load_average'][0], '.2f')}"
         f" | {args.dtype} | {env['date']}" + (" | QUICK" if args.quick else ""),
         flush=True)
   rows = []
@@ -572,9 +548,7 @@ def _main(args: argparse.Namespace) -> dict | None:
       "results": rows,
       "targets": targets,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {args.out}")
+  common.write_json(args.out, result)
   return result
 
 

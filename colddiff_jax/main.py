@@ -1,15 +1,20 @@
 """Command-line entry point.
 
   python -m colddiff_jax.main --config=configs/<experiment>.py [--workdir=DIR]
-      [--mode=train|sample] [--config.train.num_steps=1000 ...]
+      [--mode=train|sample|evaluate|generate|restore]
+      [--config.train.num_steps=1000 ...]
+  python -m colddiff_jax.main --config=... --mode=restore --input=DIR_OR_FILE
+      --output=DIR [--restore_from_step=S]
 
 `--config` takes an ml_collections config file, optionally with a variant
 (`configs/mnist_blur.py:smoke`); `--config.a.b=v` overrides any existing key
 (an unknown key is an error). `--workdir` defaults to `config.workdir`.
 
-Multi-process runs (TPU pods, multi-node GPU) call `jax.distributed.initialize()`
-first; it is triggered by COLDDIFF_MULTIHOST=1 or by the coordinator variables
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+Multi-process runs (TPU pods, multi-node GPU, local CPU processes) call
+`jax.distributed.initialize()` first. It is triggered by the flags
+--coordinator_address / --num_processes / --process_id, by the coordinator
+variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or by
+COLDDIFF_MULTIHOST=1 (TPU pods, where JAX finds the peers itself).
 """
 
 import os
@@ -32,15 +37,40 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<name>.py[:variant]).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
-                  "train: train (resuming if possible), then evaluate; "
-                  "sample: write sample grids from the latest checkpoint.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "evaluate", "generate", "restore"],
+    "train: train (resuming if possible), then evaluate; "
+    "sample: grids, trajectory strips and a GIF from the latest checkpoint; "
+    "evaluate: the Degraded/Direct/Sampled metric table over the test split; "
+    "generate: unconditional samples from a prior over x_T; "
+    "restore: restore the user's own degraded images (--input, --output).")
+flags.DEFINE_string("input", None, "restore: an image file or a folder of images.")
+flags.DEFINE_string("output", None, "restore: folder for the restored images.")
+flags.DEFINE_integer("restore_from_step", None,
+                     "restore: severity s of the inputs, i.e. the sampler starts "
+                     "from the state after s steps (default: T).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process: host:port of process 0 (else "
+                    "JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: index of this process.")
 flags.mark_flags_as_required(["config"])
 
 
-def _multihost() -> bool:
-  return (os.environ.get("COLDDIFF_MULTIHOST") == "1"
-          or "JAX_COORDINATOR_ADDRESS" in os.environ)
+def _initialize_distributed() -> None:
+  """Joins the multi-controller runtime when this is one of several processes."""
+  explicit = FLAGS.coordinator_address is not None
+  if not (explicit or os.environ.get("COLDDIFF_MULTIHOST") == "1"
+          or "JAX_COORDINATOR_ADDRESS" in os.environ):
+    return
+  # CPU devices of different processes need a collective backend to talk
+  # (local multi-process runs); the setting does not touch GPU/TPU backends.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  else:  # TPU pods and the JAX_* variables: JAX reads them itself.
+    jax.distributed.initialize()
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -55,19 +85,32 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   for handler in logging.logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
-  if _multihost():
-    jax.distributed.initialize()
+  if FLAGS.mode == "restore" and not (FLAGS.input and FLAGS.output):
+    raise app.UsageError("--mode=restore needs --input=FILE_OR_DIR and --output=DIR.")
+  _initialize_distributed()
   config = FLAGS.config
   workdir = FLAGS.workdir or config.workdir
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
   # Imported late so `--help` and flag errors stay fast.
-  from colddiff_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":
+    from colddiff_jax import train
     train.train_and_evaluate(config, workdir)
-  else:
+  elif FLAGS.mode == "sample":
+    from colddiff_jax import train
     train.sample_from_checkpoint(config, workdir)
+  elif FLAGS.mode == "evaluate":
+    from colddiff_jax import evaluate
+    evaluate.evaluate_checkpoint(config, workdir)
+  elif FLAGS.mode == "generate":
+    from colddiff_jax import generation
+    generation.generate(config, workdir)
+  else:
+    from colddiff_jax import restore
+    restore.restore_files(config, workdir, FLAGS.input, FLAGS.output,
+                          FLAGS.restore_from_step)
 
 
 if __name__ == "__main__":

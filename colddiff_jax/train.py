@@ -317,23 +317,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
+def restore_trained(config: ml_collections.ConfigDict, workdir: str):
+  """The model of a trained run, for inference (sample/evaluate/generate/restore).
+
+  Returns:
+    (mesh, deg, model, state): `state` is the train state of the latest
+    checkpoint in `workdir`, replicated over `mesh`; `state['ema']` holds the
+    EMA weights (what every inference mode uses) and `model` is the network
+    whose `make_apply_fn(model)` applies them.
+
+  Raises:
+    FileNotFoundError: naming the checkpoint folder when it holds no
+      checkpoint.
+  """
+  mesh, deg, model = _build(config)
+  ckpt = checkpointing.Checkpointer(os.path.abspath(workdir), keep=config.train.keep)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f"no checkpoint in {ckpt.directory}; train first (--mode=train), "
+          f"import an official one (python -m colddiff_jax.convert) or pass "
+          f"the --workdir of a trained run.")
+    template = jax.device_put(create_state(config, model, make_optimizer(config.optim)),
+                              parallel.replicated(mesh))
+    state, _ = ckpt.restore(template)
+  finally:
+    ckpt.close()
+  return mesh, deg, model, state
+
+
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes a sample grid from the EMA weights of the latest checkpoint.
 
   Returns:
     The path of the PNG written (workdir/samples/sample_<step>.png).
   """
-  mesh, deg, model = _build(config)
+  _, deg, model, state = restore_trained(config, workdir)
   workdir = os.path.abspath(workdir)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(
-        f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass "
-        f"the --workdir of a trained run.")
-  template = jax.device_put(create_state(config, model, make_optimizer(config.optim)),
-                            parallel.replicated(mesh))
-  state, _ = ckpt.restore(template)
-  ckpt.close()
   restorer = evaluate.make_restorer(make_apply_fn(model), deg, config.sample.method)
   images = input_pipeline.eval_images(config.data, config.sample.batch_size)
   step = int(state["step"])

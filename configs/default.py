@@ -208,6 +208,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_every = 1000
   # Training target; 'Final' = predict x0 (every paper run).
   train.train_routine = "Final"
+  # When every checkpoint in the workdir is unreadable: True starts training
+  # from scratch (with a warning), False stops with an error.
+  train.allow_restart_from_scratch = False
 
   # -------------------------------------------------------------- sample ----
   config.sample = sample = ml_collections.ConfigDict()
@@ -226,6 +229,9 @@ def get_config() -> ml_collections.ConfigDict:
   sample.gmm_components = 1
   # False: restore degraded test images; True: start from a prior over x_T.
   sample.generation = False
+  # Network calls of the sampler; None = T. Fewer runs the sampler on k evenly
+  # spaced steps of the schedule (the effect-of-T study).
+  sample.steps = config_dict.placeholder(int)
 
   # ---------------------------------------------------------------- eval ----
   config.eval = ev = ml_collections.ConfigDict()
@@ -238,8 +244,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.split = "test"
   # Metrics of the Degraded / Direct / Sampled table.
   ev.metrics = ("fid", "ssim", "rmse")
-  # Local Inception-v3 (TF-FID) weights file for FID.
-  ev.inception_path = config_dict.placeholder(str)
+  # Local Inception-v3 (TF-FID / pytorch-fid pt_inception-2015-12-05) weights
+  # for FID: the .pth file or the .npz converted from it (README). None = the
+  # FID columns are skipped with a notice.
+  ev.inception_weights = config_dict.placeholder(str)
 
   # ---------------------------------------------------------------- mesh ----
   config.mesh = mesh = ml_collections.ConfigDict()

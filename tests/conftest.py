@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -36,3 +37,33 @@ def load_fixture(name: str) -> dict:
 @pytest.fixture
 def fixture():
   return load_fixture
+
+
+_CACHE_FLAGS = {
+    "jax_disable_most_optimizations": True,
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
+
+
+@pytest.fixture(scope="module")
+def fast_compiles(tmp_path_factory):
+  """Compile time dominates these tests: skip XLA's slow optimisation passes and
+  share compiled programs between the runs (and CLI subprocesses) of a test
+  through a persistent compilation cache."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  flags = dict(_CACHE_FLAGS, jax_compilation_cache_dir=cache)
+  previous = {}
+  for k in flags:
+    try:
+      previous[k] = jax.config.read(k)
+    except AttributeError:  # flags with a context manager are read as attributes
+      previous[k] = getattr(jax.config, k)
+  for k, v in flags.items():
+    jax.config.update(k, v)
+  os.environ["COLDDIFF_TEST_JAX_CACHE"] = cache
+  try:
+    yield
+  finally:
+    for k, v in previous.items():
+      jax.config.update(k, v)

@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -67,3 +69,15 @@ def fast_compiles(tmp_path_factory):
   finally:
     for k, v in previous.items():
       jax.config.update(k, v)
+
+
+def run_cli(*args, module="colddiff_jax.main", timeout=600):
+  """Runs `python -m <module> args...` from the repository root with the test
+  devices and, inside a `fast_compiles` module, its compilation cache."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  if "COLDDIFF_TEST_JAX_CACHE" in os.environ:
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
+    env.update({k.upper(): str(v) for k, v in _CACHE_FLAGS.items()})
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)

@@ -19,6 +19,7 @@ from colddiff_jax import models
 from colddiff_jax import parallel
 from colddiff_jax import train
 from conftest import REPO
+from conftest import run_cli
 
 sys.path.insert(0, str(REPO))
 from configs import quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -164,13 +165,7 @@ def test_sigterm_sets_the_stop_flag():
     stop.restore()
 
 
-def _cli(*args, timeout=600):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
-  env.update({k.upper(): str(v) for k, v in _CACHE_FLAGS.items()})
-  return subprocess.run([sys.executable, "-m", "colddiff_jax.main", *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+_cli = run_cli
 
 
 def test_cli_unknown_key_fails_with_its_name(tmp_path):

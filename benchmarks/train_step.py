@@ -3,14 +3,17 @@
 What is measured. The train step that `colddiff_jax.train` runs, built from the
 same pieces (`make_optimizer`, `create_state`, `make_apply_fn`,
 `make_train_step`, `jit_train_step`, `to_micro_batches`, the data mesh of
-`parallel`), for two configs:
+`parallel`), for three configs:
 
 * mnist_blur   configs/mnist_blur.py: the full ConvNeXt U-Net (56.6M
                parameters), 1 channel, 32x32, T = 20, batch 32 per
                micro-batch and grad_accum 2 (the official recipe), so 64
                images per optimizer step;
 * celeba_blur  configs/celeba_blur.py: the same U-Net on 128x128x3, T = 200,
-               batch 8 per micro-batch, grad_accum as configured (2).
+               batch 8 per micro-batch, grad_accum as configured (2);
+* cifar10_blur configs/cifar10_blur.py: the DDPM U-Net (35.7M parameters),
+               3 channels, 32x32, T = 50, batch 32 per micro-batch and
+               grad_accum as configured (2).
 
 One step is the whole official iteration: per micro-batch, draw t, degrade
 D(x0, t+1) on device, U-Net forward and backward, L1 loss; average the
@@ -22,6 +25,8 @@ Reported per config: compile time, the median wall time of one step, img/s
 counting every image of the step (batch x grad_accum per step), peak memory,
 and the official PyTorch code's img/s measured on the same 2-core CPU
 (CASES below) with our ratio to it. The issue's goal is a ratio >= 1.2.
+The JSON also gives the process's CPU time per step (cpu_s_per_step, all
+threads): on a machine shared with other work it moves less than wall time.
 With --dtype bfloat16 the U-Net computes in bfloat16 (parameters stay
 float32), as `train.dtype = 'bfloat16'` does; the official figure is float32.
 
@@ -59,11 +64,11 @@ blur the next one's figure.
 The JSON's memory_source names the method used.
 
 --quick is a smoke run of the script, not a measurement: the configs'
-`smoke` U-Net cut to one level (dim 8), 16x16 MNIST and 32x32 CelebA images
-(T unchanged), batch 16, grad_accum 1, compiled with
-jax_disable_most_optimizations, both configs in about 20 s.
+`smoke` U-Nets cut to one level (dim 8 / ch 32), 16x16 MNIST and CIFAR-10
+and 32x32 CelebA images (T unchanged), batch 16, grad_accum 1, compiled with
+jax_disable_most_optimizations, all configs in about 30 s.
 
-Run (about 6 minutes on 2 CPU cores; one CelebA step takes over a minute):
+Run (about 8 minutes on 2 CPU cores; one CelebA step takes about a minute):
   python -m benchmarks.train_step
   python -m benchmarks.train_step --quick          # tiny smoke run
   python -m benchmarks.train_step --cases mnist_blur --dtype bfloat16
@@ -125,11 +130,14 @@ CASES = {
                        official_batch=32),
     "celeba_blur": Case("celeba_blur", batch=8, official_img_s=0.45,
                         official_batch=8),
+    # The DDPM U-Net (35.7M parameters) of every CIFAR-10 run.
+    "cifar10_blur": Case("cifar10_blur", batch=32, official_img_s=3.6,
+                         official_batch=32),
 }
 # The issue's goal: at least this many times the official img/s.
 TARGET_RATIO = 1.2
 # --quick: the smoke variant's tiny U-Net (configs/default.py) on small images.
-QUICK_SIZES = {"mnist_blur": 16, "celeba_blur": 32}
+QUICK_SIZES = {"mnist_blur": 16, "celeba_blur": 32, "cifar10_blur": 16}
 QUICK_BATCH = 16  # divisible by the 8 fake CPU devices of the tests
 _MIB = 1 << 20
 
@@ -190,7 +198,8 @@ def make_config(case: Case, args: argparse.Namespace):
   config = module.get_config("smoke" if args.quick else None)
   if args.quick:
     config.data.image_size = QUICK_SIZES[case.config]
-    config.model.dim_mults = (1,)  # one level: the smoke U-Net compiles slowly
+    # One level: the smoke U-Nets compile slowly.
+    config.model.dim_mults = config.model.ch_mult = (1,)
   config.train.batch_size = args.batch or (QUICK_BATCH if args.quick
                                            else case.batch)
   # The smoke variant's grad_accum is 1 (each extra micro-batch is one more
@@ -284,17 +293,18 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
   rss_before_steps = _current_rss_bytes()
   live_bytes = sum(x.nbytes for x in jax.tree.leaves((state, batch)))
 
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   state, metrics = jax.block_until_ready(compiled(state, batch))
   first_s = time.perf_counter() - start
-  times = [first_s]
+  times, cpu_times = [first_s], [time.process_time() - cpu_start]
   if first_s < args.budget:
     runs = max(1, min(args.repeats, int(args.budget / max(first_s, 1e-9))))
-    times = []
+    times, cpu_times = [], []
     for _ in range(runs):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       state, metrics = jax.block_until_ready(compiled(state, batch))
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
   step_s = statistics.median(times)
 
   step_growth = None
@@ -337,6 +347,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
       "first_step_s": first_s,
       "step_s": step_s,
       "step_times_s": times,
+      # CPU time of this process (all its threads) per step, median.
+      "cpu_s_per_step": statistics.median(cpu_times),
       "runs": len(times),
       "img_per_s": img_s,
       "loss": loss,

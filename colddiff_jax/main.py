@@ -77,7 +77,8 @@ class _QuietLibraries(logging.logging.Filter):
   """Drops INFO lines of orbax's checkpoint internals (dozens per save)."""
 
   def filter(self, record):
-    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+    return (record.levelno > logging.logging.INFO
+            or "/orbax/" not in record.pathname)
 
 
 def main(argv):
@@ -97,10 +98,12 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":
     from colddiff_jax import train
-    train.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
+    if result["stopped_early"]:  # SIGTERM / preemption, after saving
+      sys.exit(train.PREEMPTED_EXIT_CODE)
   elif FLAGS.mode == "sample":
-    from colddiff_jax import train
-    train.sample_from_checkpoint(config, workdir)
+    from colddiff_jax import figures
+    figures.sample_figures(config, workdir)
   elif FLAGS.mode == "evaluate":
     from colddiff_jax import evaluate
     evaluate.evaluate_checkpoint(config, workdir)

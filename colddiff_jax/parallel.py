@@ -61,3 +61,44 @@ def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Arra
   """Builds the global array from this process's slice of the batch."""
   return jax.make_array_from_process_local_data(
       batch_sharding(mesh, batch_axis), local)
+
+
+def process_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's slice of a host array every process holds whole.
+
+  The mesh lists devices process by process, so process p feeds the p-th of
+  `process_count` equal blocks of the batch axis (the layout
+  `global_batch` stitches back together).
+  """
+  rows = len(global_rows) // jax.process_count()
+  start = jax.process_index() * rows
+  return global_rows[start:start + rows]
+
+
+def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+  """`rows` [n, ...] padded to [size, ...] by repeating the last row (callers
+  drop the padding from their results)."""
+  rows = np.asarray(rows)
+  if len(rows) == size:
+    return rows
+  return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
+
+
+def shard_rows(rows: np.ndarray, mesh: Mesh, size: int | None = None) -> jax.Array:
+  """A host batch every process holds whole (padded to `size` rows) as a
+  global array split over `mesh`."""
+  rows = np.asarray(rows) if size is None else pad_rows(rows, size)
+  return global_batch(process_rows(rows), mesh)
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts small host values (PRNG keys, aux draws) on every device of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly multi-process) array, on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

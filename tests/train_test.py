@@ -192,3 +192,19 @@ def test_cli_trains_with_overrides_then_samples(tmp_path):
              f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sample_00000002.png" in os.listdir(tmp_path / "samples")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  config = tiny_config()
+  config.optim.schedule = "cosine"
+  config.optim.warmup_steps = 10
+  lr = train.learning_rate(config.optim, num_steps=110)
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(60)) == pytest.approx(0.5e-3, rel=1e-5)
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-12)
+  config.optim.schedule = "constant"
+  assert train.learning_rate(config.optim, 110) == 1e-3
+  config.optim.schedule = "linear"
+  with pytest.raises(ValueError, match="optim.schedule='linear'"):
+    train.check_config(config)

@@ -23,9 +23,14 @@ def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
                      filter_sigma=1.5, k1=0.01, k2=0.03)
 
 
+def squared_errors(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-image Σ (a - b)² [B], for a global RMSE accumulated over batches."""
+  return jnp.sum(jnp.square(_rgb(a).astype(jnp.float32) - _rgb(b)), axis=(1, 2, 3))
+
+
 def squared_error_sum(a: jax.Array, b: jax.Array) -> jax.Array:
   """Σ (a - b)² over a batch, for a global RMSE accumulated over batches."""
-  return jnp.sum(jnp.square(_rgb(a).astype(jnp.float32) - _rgb(b)))
+  return jnp.sum(squared_errors(a, b))
 
 
 def rmse(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from colddiff_jax.models import layers
 from colddiff_jax.models.unet import conv, linear, sinusoidal_embedding
 
 Dtype = Any
@@ -169,8 +170,10 @@ class Upsample(nnx.Module):
                       param_dtype=param_dtype) if with_conv else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return self.conv(x) if self.conv is not None else x
+    if self.conv is not None:
+      # The same function; on CPU without materialising the upsampled map.
+      return layers.nearest_upsample_conv(self.conv, x)
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class Level(nnx.Module):

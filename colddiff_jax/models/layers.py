@@ -1,34 +1,303 @@
-"""Convolution layers with a fast CPU path.
+"""Convolution layers with fast CPU paths.
 
-XLA:CPU runs grouped convolutions (`feature_group_count > 1`) through a slow
-generic kernel: a 7x7 depthwise convolution of the ConvNeXt blocks costs ~30x
-more there than on the arithmetic it does, and dominates a CPU training step.
-On CPU `DepthwiseConv` therefore computes the same convolution as a sum of 49
-shifted, scaled copies (forward and input gradient) and takes the kernel
-gradient as an FFT cross-correlation. On GPU/TPU it is a plain `nnx.Conv`.
+The networks are written with plain Flax convolutions; on XLA:CPU several of
+them compile to slow kernels. The layers here compute exactly the same
+functions (same parameters, initialisation and checkpoint layout; only
+`__call__` differs) through formulations XLA:CPU runs well. On GPU/TPU, and on
+CPU inside `fast_cpu_paths(False)`, they are the plain Flax layers.
+
+What is slow on XLA:CPU, and what replaces it:
+
+* YNNPACK. XLA:CPU hands dense convolutions and matmuls to YNNPACK by
+  default, which runs the kernel gradient of a convolution (a convolution
+  whose "kernel" is the 32x32 output cotangent) 5-15x slower than the forward
+  pass: ~45% of a ConvNeXt U-Net training step. Importing this module sets
+  the XLA flag that gives them to Eigen instead (`prefer_eigen_on_cpu`), which
+  runs that gradient at forward-pass speed and was faster on every network
+  pass measured. Where YNNPACK still runs the convolutions (the flag was set
+  too late, or overridden), `Conv` takes dL/dW as one matmul per kernel tap
+  instead (`conv_nhwc`).
+* Grouped (depthwise 7x7) convolutions run through a generic kernel 15-30x
+  slower than their arithmetic, with either backend. `DepthwiseConv` computes
+  them as a sum of 49 shifted, scaled copies (forward and input gradient) and
+  the kernel gradient as an FFT cross-correlation. Their inputs and outputs
+  are materialised (`materialize`): fused into their producers or consumers,
+  these 49-fold readers would recompute the producers 49 times.
+* A transposed convolution lowers to a convolution over a zero-dilated input:
+  4x the arithmetic of a stride-2, 4x4 transposed convolution, and ~10x the
+  time. `ConvTranspose` computes each of the four output phases as a 2x2
+  convolution of the input.
+* `nearest_upsample_conv`: nearest x2 upsampling followed by a 3x3 convolution
+  is, per output phase, a 2x2 convolution of the un-upsampled input with
+  summed kernel taps (4x less arithmetic; the DDPM U-Net's `Upsample`).
+
 `PointwiseConv` runs a 1x1 convolution as a matmul on every backend.
 
-Both subclass `nnx.Conv`: same parameters, same initialisation, same checkpoint
-layout; only `__call__` differs.
+Every fast path is checked against the plain Flax computation in
+tests/layers_test.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from typing import Sequence
+
 import jax
+from jax import lax
 import jax.numpy as jnp
 from flax import nnx
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_fast_cpu_paths = True
+
+#: The XLA:CPU flag that routes convolutions and matmuls to YNNPACK (its
+#: default) or, empty, to XLA's Eigen kernels.
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def prefer_eigen_on_cpu() -> bool:
+  """Appends `--xla_cpu_experimental_ynn_fusion_type=` to XLA_FLAGS.
+
+  XLA:CPU hands dense convolutions and matmuls to YNNPACK by default. On
+  these networks Eigen, XLA's other CPU backend, is faster: YNNPACK runs the
+  kernel gradient of a convolution (a convolution with a 32x32 "kernel") ~10x
+  slower, and measured over a whole ConvNeXt U-Net training step, a DDPM U-Net
+  forward pass and a 128x128 ConvNeXt forward pass, the Eigen build was
+  faster in each. The flag takes effect only if the CPU backend has not
+  started yet (it is read once, at start-up), and a user's own setting of it
+  is left alone. Called when this module is imported.
+
+  Returns:
+    True if the flag was added.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if YNN_FLAG.lstrip("-") in flags:
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
+  return True
+
+
+prefer_eigen_on_cpu()
+
+
+@contextlib.contextmanager
+def fast_cpu_paths(enabled: bool):
+  """Turns the CPU fast paths on or off for functions traced in the context.
+
+  The switch is read when a layer is traced, so jit a function inside the
+  context (a function jitted earlier keeps the paths it was traced with).
+  Used by the tests and benchmarks to compare against the plain Flax layers.
+  """
+  global _fast_cpu_paths
+  previous = _fast_cpu_paths
+  _fast_cpu_paths = enabled
+  try:
+    yield
+  finally:
+    _fast_cpu_paths = previous
+
+
+def use_fast_paths() -> bool:
+  """True when the layers take their CPU formulations (CPU backend, enabled)."""
+  return _fast_cpu_paths and jax.default_backend() == "cpu"
+
+
+@functools.cache
+def ynn_runs_convolutions() -> bool:
+  """Whether this process's XLA:CPU gives dense convolutions to YNNPACK.
+
+  Compiles a small convolution once and looks for a YNNPACK fusion in it. With
+  YNNPACK, `Conv` takes its kernel gradient as matmuls (`conv_nhwc`); with
+  Eigen (see `prefer_eigen_on_cpu`), XLA's own kernel gradient is faster.
+  """
+  x = jax.ShapeDtypeStruct((2, 8, 8, 32), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+  hlo = jax.jit(lambda x, w: _conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(
+      x, w).compile().as_text()
+  return "__ynn_fusion" in hlo
+
+
+def _pair(value, default: int = 1) -> tuple[int, ...]:
+  """A Flax stride/dilation argument (None, int or sequence) as a tuple."""
+  if value is None:
+    value = default
+  if isinstance(value, int):
+    return (value, value)
+  return tuple(value)
+
+
+def materialize(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays unchanged, but computed into buffers of their own.
+
+  XLA fuses an elementwise producer into each of its consumers. When a
+  consumer reads many shifted windows of it (the 9 taps of a kernel
+  gradient, the 49 of a depthwise convolution), the producer - a GELU, a
+  normalisation, another 49-tap sum - is recomputed once per window.
+  `lax.optimization_barrier` would stop that, but XLA:CPU removes barriers
+  before fusing; fusion never crosses a conditional, so the arrays pass
+  through one. Its predicate, popcount(bits of a float32) <= 32, is true for
+  every value (NaN and inf included) but opaque to XLA, which therefore keeps
+  the conditional; the never-taken branch returns zeros.
+  """
+  first = arrays[0].reshape(-1)[0].astype(jnp.float32)
+  always = lax.population_count(lax.bitcast_convert_type(first, jnp.uint32)) <= 32
+  return lax.cond(always, lambda *a: a,
+                  lambda *a: tuple(jnp.zeros_like(v) for v in a), *arrays)
+
+
+# ------------------------------------------------------ dense convolution ----
+
+
+def _pad_nhwc(x: jax.Array, padding) -> jax.Array:
+  """Spatial (lo, hi) padding of an NHWC array; negative values crop."""
+  (top, bottom), (left, right) = padding
+  zero = jnp.zeros((), x.dtype)
+  return lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0),
+                           (0, 0, 0)))
+
+
+def _conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=_NHWC)
+
+
+def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: Sequence[int],
+                     strides: Sequence[int], padding) -> jax.Array:
+  """dL/dW of y = conv(x, W) (NHWC/HWIO, no dilation) as per-tap matmuls.
+
+  dL/dW[i, j] = sum_{b,h,w} xpad[b, s_h h + i, s_w w + j, :]^T g[b, h, w, :]:
+  for each tap one [Cin, N] x [N, Cout] matmul over the N = B Ho Wo output
+  positions, accumulated in float32.
+
+  Args:
+    x: [B, H, W, Cin] input of the convolution.
+    g: [B, Ho, Wo, Cout] cotangent of its output.
+    kernel_size: (kh, kw).
+    strides: (s_h, s_w).
+    padding: ((top, bottom), (left, right)) of the convolution.
+
+  Returns:
+    [kh, kw, Cin, Cout] float32.
+  """
+  kh, kw = kernel_size
+  sh, sw = strides
+  b, ho, wo, cout = g.shape
+  cin = x.shape[-1]
+  xp, g = materialize(_pad_nhwc(x, padding), g)
+  g2 = g.reshape(-1, cout)
+  rows = []
+  for i in range(kh):
+    taps = []
+    for j in range(kw):
+      window = lax.slice(xp, (0, i, j, 0),
+                         (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                         (1, sh, sw, 1))
+      taps.append(lax.dot_general(window.reshape(-1, cin), g2,
+                                  (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32))
+    rows.append(jnp.stack(taps))
+  return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """lax.conv_general_dilated (NHWC, HWIO) whose kernel gradient is matmuls.
+
+  Forward and input gradient are XLA's; dL/dW is `conv_kernel_grad`.
+  `padding` is explicit ((top, bottom), (left, right)).
+  """
+  return _conv(x, w, strides, padding)
+
+
+def _conv_nhwc_fwd(x, w, strides, padding):
+  return _conv(x, w, strides, padding), (x, w)
+
+
+def _conv_nhwc_bwd(strides, padding, res, g):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)
+  (gx,) = vjp_x(g)
+  gw = conv_kernel_grad(x, g, w.shape[:2], strides, padding)
+  return gx, gw.astype(w.dtype)
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def dense_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+               padding) -> jax.Array:
+  """A dense NHWC convolution, by `conv_nhwc` where YNNPACK runs them."""
+  if use_fast_paths() and ynn_runs_convolutions():
+    return conv_nhwc(x, w, strides, padding)
+  return _conv(x, w, strides, padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None,
+                         **kwargs):
+  """Drop-in `lax.conv_general_dilated` taking `conv_nhwc` where it applies.
+
+  The fast path covers the dense 2-D NHWC convolutions of the networks (any
+  stride and padding, no dilation, no groups) on CPU when YNNPACK runs them;
+  everything else is `lax.conv_general_dilated` itself.
+  """
+  fast = (use_fast_paths() and ynn_runs_convolutions() and lhs.ndim == 4
+          and feature_group_count == 1
+          and batch_group_count == 1 and precision is None
+          and preferred_element_type is None
+          and kwargs.get("out_sharding") is None
+          and all(d == 1 for d in (lhs_dilation or (1, 1)))
+          and all(d == 1 for d in (rhs_dilation or (1, 1)))
+          and dimension_numbers == lax.conv_dimension_numbers(
+              lhs.shape, rhs.shape, _NHWC))
+  if not fast:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
+                                  padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return conv_nhwc(lhs, rhs, strides, padding)
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` whose dense 2-D convolutions take `conv_nhwc` on CPU (YNNPACK)."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("conv_general_dilated", conv_general_dilated)
+    super().__init__(*args, **kwargs)
+
+
+# --------------------------------------------------- depthwise convolution ----
+
 
 def _shift_correlate(x: jax.Array, w: jax.Array) -> jax.Array:
-  """'same' depthwise cross-correlation of x [B,H,W,C] with w [k,k,C]."""
+  """'same' depthwise cross-correlation of x [B,H,W,C] with w [k,k,C].
+
+  The padded input and the result are materialised: each of the k*k shifted
+  reads would otherwise recompute a fused producer, and every consumer (a
+  normalisation reads its input several times) would recompute the sum.
+  """
   k = w.shape[0]
   p = k // 2
   h, wd = x.shape[1], x.shape[2]
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  out = jnp.zeros_like(x)
+  (xp,) = materialize(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
+  out = xp[:, 0:h, 0:wd, :] * w[0, 0]
   for i in range(k):
     for j in range(k):
-      out = out + xp[:, i:i + h, j:j + wd, :] * w[i, j]
+      if i or j:
+        out = out + xp[:, i:i + h, j:j + wd, :] * w[i, j]
+  (out,) = materialize(out)
   return out
 
 
@@ -38,11 +307,11 @@ def depthwise_same(x: jax.Array, w: jax.Array) -> jax.Array:
   return _shift_correlate(x, w)
 
 
-def _fwd(x, w):
+def _depthwise_fwd(x, w):
   return _shift_correlate(x, w), (x, w)
 
 
-def _bwd(res, g):
+def _depthwise_bwd(res, g):
   x, w = res
   k = w.shape[0]
   p = k // 2
@@ -53,21 +322,22 @@ def _bwd(res, g):
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).astype(jnp.float32)
   size = (xp.shape[1], xp.shape[2])
   gp = jnp.pad(g.astype(jnp.float32),
-               ((0, 0), (0, size[0] - g.shape[1]), (0, size[1] - g.shape[2]), (0, 0)))
+               ((0, 0), (0, size[0] - g.shape[1]), (0, size[1] - g.shape[2]),
+                (0, 0)))
   spectrum = jnp.sum(jnp.fft.rfft2(xp, axes=(1, 2)) *
                      jnp.conj(jnp.fft.rfft2(gp, axes=(1, 2))), axis=0)
   gw = jnp.fft.irfft2(spectrum, s=size, axes=(0, 1))[:k, :k]
   return gx, gw.astype(w.dtype)
 
 
-depthwise_same.defvjp(_fwd, _bwd)
+depthwise_same.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class DepthwiseConv(nnx.Conv):
   """A depthwise ('same', stride 1, odd kernel) conv with a fast CPU path."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if jax.default_backend() != "cpu":
+    if not use_fast_paths():
       return super().__call__(x)
     dtype = self.dtype or x.dtype
     kernel = self.kernel[...].astype(dtype)[:, :, 0, :]
@@ -86,3 +356,93 @@ class PointwiseConv(nnx.Conv):
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
+
+
+# --------------------------------------------------- transposed convolution ----
+
+
+def _interleave_phases(phases) -> jax.Array:
+  """[[y00, y01], [y10, y11]] of [B,H,W,C] -> [B,2H,2W,C], y[2m+a, 2n+b] = yab."""
+  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+  b, h, _, w, _, c = y.shape  # [B, H, 2 (a), W, 2 (b), C]
+  return y.reshape(b, 2 * h, 2 * w, c)
+
+
+class ConvTranspose(nnx.ConvTranspose):
+  """`nnx.ConvTranspose`; the PyTorch-style 4x4, stride-2 case by phases on CPU.
+
+  With kernel 4, stride 2 and padding ((2, 2), (2, 2)) (PyTorch's
+  ConvTranspose2d(k=4, s=2, p=1)) and transpose_kernel=False, Flax computes
+  y = corr(dilate_2(x), K) with 2 zeros of padding. Per axis, an even output
+  2m gets x[m-1] K[0] + x[m] K[2] and an odd one 2m+1 gets x[m] K[1] +
+  x[m+1] K[3]: output phase (a, b) is the VALID 2x2 correlation of the input
+  padded by one, shifted by (a, b), with the kernel taps K[a::2, b::2].
+  """
+
+  def _phase_form(self) -> bool:
+    return (use_fast_paths() and tuple(self.kernel_size) == (4, 4)
+            and _pair(self.strides) == (2, 2)
+            and self.padding == ((2, 2), (2, 2))
+            and not self.transpose_kernel and self.mask is None
+            and _pair(self.kernel_dilation) == (1, 1))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4 or not self._phase_form():
+      return super().__call__(x)
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias),
+                                         dtype=self.dtype)
+    h, w = x.shape[1:3]
+    xq = _pad_nhwc(x, ((1, 1), (1, 1)))
+    valid = ((0, 0), (0, 0))
+    phases = [[dense_conv(xq[:, a:a + h + 1, b:b + w + 1], kernel[a::2, b::2],
+                          (1, 1), valid) for b in (0, 1)] for a in (0, 1)]
+    y = _interleave_phases(phases)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+# ----------------------------------------------- nearest upsample + conv ----
+
+
+def nearest_upsample_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """conv(nearest_upsample_2x(x)) for a 3x3, stride-1, 'SAME' `conv`.
+
+  On CPU the four output phases are 2x2 convolutions of x itself: per axis,
+  with u = upsample(x) (u[n] = x[n // 2]) and kernel taps K0, K1, K2,
+  y[2m] = K0 x[m-1] + (K1 + K2) x[m] and y[2m+1] = (K0 + K1) x[m] + K2 x[m+1].
+  Only the rounding of the summed taps differs from the plain computation.
+  """
+  fits = (use_fast_paths() and x.ndim == 4
+          and tuple(conv.kernel_size) == (3, 3)
+          and _pair(conv.strides) == (1, 1) and conv.padding == "SAME"
+          and conv.feature_group_count == 1 and conv.mask is None
+          and _pair(conv.kernel_dilation) == (1, 1)
+          and _pair(conv.input_dilation) == (1, 1))
+  if not fits:
+    return conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+  bias = conv.bias[...] if conv.bias is not None else None
+  x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], bias),
+                                       dtype=conv.dtype)
+  # Per-axis 2-tap kernels of the two phases: phase 0 reads (m-1, m) with
+  # (K0, K1 + K2), phase 1 reads (m, m+1) with (K0 + K1, K2).
+  def fold(k, axis):
+    k0, k1, k2 = (lax.index_in_dim(k, i, axis, keepdims=True)
+                  for i in range(3))
+    return (jnp.concatenate([k0, k1 + k2], axis),
+            jnp.concatenate([k0 + k1, k2], axis))
+
+  rows = fold(kernel, 0)
+  h, w = x.shape[1:3]
+  xq = _pad_nhwc(x, ((1, 1), (1, 1)))
+  valid = ((0, 0), (0, 0))
+  phases = []
+  for a in (0, 1):
+    cols = fold(rows[a], 1)
+    phases.append([dense_conv(xq[:, a:a + h + 1, b:b + w + 1], cols[b],
+                              (1, 1), valid) for b in (0, 1)])
+  y = _interleave_phases(phases)
+  if bias is not None:
+    y = y + bias
+  return y

@@ -111,7 +111,7 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs,
   elif kernel == 1 and stride == 1 and groups == 1:
     cls = layers.PointwiseConv
   else:
-    cls = nnx.Conv
+    cls = layers.Conv
   return cls(in_ch, out_ch, (kernel, kernel), strides=stride,
                   padding=padding, feature_group_count=groups,
                   use_bias=use_bias, kernel_init=init, bias_init=init,
@@ -355,7 +355,7 @@ class Unet(nnx.Module):
     for d_in, d_out in reversed(in_out[1:]):
       # The official `is_last` test compares against len(dim_mults) - 1 but
       # only len(dim_mults) - 1 up stages exist, so every one upsamples.
-      up = nnx.ConvTranspose(
+      up = layers.ConvTranspose(
           d_in, d_in, (4, 4), strides=(2, 2),
           # PyTorch ConvTranspose2d(k=4, s=2, p=1) == dilate by 2, pad k-1-p.
           padding=((2, 2), (2, 2)),

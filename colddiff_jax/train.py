@@ -349,6 +349,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   workdir = paths.resolve(workdir)
   check_workdir(config, workdir)
+  # The data is opened (and probed) before anything is written, so a missing
+  # dataset leaves no trace in the workdir.
+  accum = config.optim.grad_accum
+  local_batch = parallel.process_batch_size(config.train.batch_size)
+  train_ds = input_pipeline.train_dataset(
+      config.data, local_batch * accum, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      micro_batches=accum)
+  eval_images, eval_partners = _evaluation_data(config)
   if is_main:
     _write_config(config, workdir)
 
@@ -356,13 +365,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = make_optimizer(config.optim, config.train.num_steps)
   repl = parallel.replicated(mesh)
   state = jax.device_put(create_state(config, model, tx), repl)
-
-  accum = config.optim.grad_accum
-  local_batch = parallel.process_batch_size(config.train.batch_size)
-  train_ds = input_pipeline.train_dataset(
-      config.data, local_batch * accum, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      micro_batches=accum)
   train_iter = iter(train_ds)
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
@@ -383,7 +385,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = jit_train_step(make_train_step(config, deg, apply_fn, tx), mesh)
   restorer = evaluate.make_restorer(apply_fn, deg, config.sample.method,
                                     config.sample.steps)
-  eval_images, eval_partners = _evaluation_data(config)
   grid_images = eval_images[:min(8, len(eval_images))]
   grid_rng = jax.random.PRNGKey(config.seed + 1)
 

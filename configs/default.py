@@ -195,7 +195,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.grad_clip = 0.0
   # Learning-rate schedule: 'constant' (official) or 'cosine' (linear warm-up
   # over `warmup_steps`, then cosine decay to 0 at train.num_steps; used by
-  # the short CPU quickstart, where the final low-lr phase matters most).
+  # the short CPU quickstart, where the final low-lr phase matters most;
+  # resuming with another train.num_steps stretches the remaining schedule).
   optim.schedule = "constant"
   # Warm-up steps of the 'cosine' schedule.
   optim.warmup_steps = 0
@@ -343,6 +344,10 @@ def apply_variant(config: ml_collections.ConfigDict,
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
   config.optim.grad_accum = 1
+  # Constant lr: a smoke run extended with more steps must equal a longer run
+  # (a cosine schedule's length is train.num_steps).
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0
   # 8 divides the 8 fake CPU devices of the tests (the global batch is split).
   config.train.batch_size = 8
   config.train.num_steps = 4

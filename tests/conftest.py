@@ -74,10 +74,17 @@ def fast_compiles(tmp_path_factory):
 def run_cli(*args, module="colddiff_jax.main", timeout=600):
   """Runs `python -m <module> args...` from the repository root with the test
   devices and, inside a `fast_compiles` module, its compilation cache."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def cli_env(devices: int = 8) -> dict:
+  """Environment of a CLI subprocess: `devices` fake CPU devices and, inside a
+  `fast_compiles` module, the same compiler settings and cache as the tests
+  (so its programs, and their float results, are the tests' own)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
   if "COLDDIFF_TEST_JAX_CACHE" in os.environ:
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
     env.update({k.upper(): str(v) for k, v in _CACHE_FLAGS.items()})
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return env

@@ -18,6 +18,7 @@ import pytest
 from colddiff_jax import checkpointing
 from colddiff_jax import train
 from conftest import REPO
+from conftest import cli_env
 from train_test import TINY_FLAGS
 from train_test import _final_params
 from train_test import tiny_config
@@ -36,10 +37,7 @@ def _free_port() -> int:
 def _launch_two_processes(workdir: str, *flags: str, timeout: int = 900):
   """Runs the CLI as processes 0 and 1 of a 2-process job; returns their logs."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  if "COLDDIFF_TEST_JAX_CACHE" in os.environ:
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
+  env = cli_env(devices=4)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "colddiff_jax.main", "--config=configs/quickstart.py:smoke",
        *TINY_FLAGS, "--config.optim.learning_rate=1e-3", "--config.train.keep=5",

@@ -25,6 +25,7 @@ from colddiff_jax import evaluate
 from colddiff_jax import input_pipeline
 from colddiff_jax import train
 from conftest import REPO
+from conftest import cli_env
 from conftest import run_cli
 from train_test import TINY_FLAGS
 from train_test import _final_params
@@ -61,20 +62,13 @@ def _cli_command(workdir, num_steps=6):
           f"--config.train.num_steps={num_steps}", f"--workdir={workdir}"]
 
 
-def _env():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  if "COLDDIFF_TEST_JAX_CACHE" in os.environ:
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["COLDDIFF_TEST_JAX_CACHE"]
-  return env
-
-
 def _run_until(workdir, trigger: str, sig=signal.SIGKILL, delay=0.0, timeout=600):
   """Starts training and sends `sig` `delay` seconds after the first log line
   containing `trigger`.
 
   Returns (return code, log).
   """
-  proc = subprocess.Popen(_cli_command(workdir), cwd=REPO, env=_env(), text=True,
+  proc = subprocess.Popen(_cli_command(workdir), cwd=REPO, env=cli_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   lines, deadline = [], time.time() + timeout
   try:
@@ -96,7 +90,7 @@ def _run_until(workdir, trigger: str, sig=signal.SIGKILL, delay=0.0, timeout=600
 
 @pytest.mark.slow
 def test_kill_9_at_any_point_loses_nothing(reference, tmp_path):
-  ref_dir, config = reference
+  _, config = reference
   workdir = str(tmp_path / "killed")
   # Killed while step 2's checkpoint may still be in flight (save 1 is done:
   # a save waits for the previous one), then right after resuming, then while
@@ -108,12 +102,18 @@ def test_kill_9_at_any_point_loses_nothing(reference, tmp_path):
     assert code == -signal.SIGKILL, log[-3000:]
   saved = checkpointing.Checkpointer(workdir, keep=10).all_steps()
   assert saved and max(saved) < 6
-  done = subprocess.run(_cli_command(workdir), cwd=REPO, env=_env(), text=True,
+  done = subprocess.run(_cli_command(workdir), cwd=REPO, env=cli_env(), text=True,
                         capture_output=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Resumed from checkpoint at step {max(saved)}" in done.stderr
+  # The reference: the same command, never interrupted (same process setup,
+  # so the same compiled programs).
+  straight = str(tmp_path / "straight")
+  done = subprocess.run(_cli_command(straight), cwd=REPO, env=cli_env(), text=True,
+                        capture_output=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
   ours, _ = _final_params(workdir, config)
-  theirs, _ = _final_params(ref_dir, config)
+  theirs, _ = _final_params(straight, config)
   _assert_states_equal(ours, theirs)
 
 
@@ -131,12 +131,12 @@ def _copy_run(reference, tmp_path, upto: int):
   return workdir
 
 
-def _truncate_largest_file(folder):
-  files = [f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-           if os.path.isfile(f)]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
+def _truncate_files(folder):
+  """Cuts every non-empty file of a checkpoint item to half its size."""
+  for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 1:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing_item"])
@@ -146,7 +146,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference, tmp_path, d
   workdir = _copy_run(reference, tmp_path, upto=5)
   latest = os.path.join(workdir, "checkpoints", "5")
   if damage == "truncated":
-    _truncate_largest_file(os.path.join(latest, "state"))
+    _truncate_files(os.path.join(latest, "state"))
   else:
     shutil.rmtree(os.path.join(latest, "state"))
   # An unfinished save of a later step must be ignored as well.
@@ -166,7 +166,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference, tmp_path, d
 def test_no_readable_checkpoint_stops_unless_restart_allowed(reference, tmp_path):
   _, config = reference
   workdir = _copy_run(reference, tmp_path, upto=1)
-  _truncate_largest_file(os.path.join(workdir, "checkpoints", "1", "state"))
+  _truncate_files(os.path.join(workdir, "checkpoints", "1", "state"))
   with pytest.raises(RuntimeError, match="allow_restart_from_scratch=true"):
     train.train_and_evaluate(config, workdir)
   config = tiny_config(num_steps=1, ckpt_every=1, keep=10)
@@ -245,7 +245,7 @@ def test_sigterm_saves_exits_75_and_resumes_there(tmp_path):
   stopped_at = max(saved)
   assert stopped_at >= 2 and "Stopping at step" in log
   done = subprocess.run(_cli_command(workdir, num_steps=stopped_at + 1), cwd=REPO,
-                        env=_env(), text=True, capture_output=True, timeout=600)
+                        env=cli_env(), text=True, capture_output=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Resumed from checkpoint at step {stopped_at}" in done.stderr
 
@@ -259,7 +259,7 @@ def test_sigterm_saves_exits_75_and_resumes_there(tmp_path):
     ("--config.degradation.blur_routine=Gauss", "degradation.blur_routine='Gauss'"),
     ("--config.degradation.time_steps=0", "degradation.time_steps=0"),
     ("--config.train.batch_size=12", "train.batch_size=12 must be divisible by the 8 devices"),
-    ("--config.data.image_size=30", "data.image_size=30"),
+    ("--config.data.image_size=33", "data.image_size=33"),
     ("--config.data.name=folder", "data.folder is not set"),
     ("--config.train.loss=l3", "train.loss='l3'"),
 ])

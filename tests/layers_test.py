@@ -2,9 +2,11 @@
 
 Each optimised formulation (per-tap kernel gradient, shift-add depthwise
 convolution with FFT kernel gradient, phase-decomposed transposed convolution,
-phase-decomposed nearest-upsample + conv, `materialize`) is compared with the
-plain Flax computation, `fast_cpu_paths(False)`, on values and on gradients
-with respect to the input and every parameter; then both U-Nets as a whole.
+phase-decomposed nearest-upsample + conv, written-out normalisation gradient,
+blocked bias gradient, `materialize`) is compared with the plain Flax
+computation, `fast_cpu_paths(False)`, on values and on gradients with respect
+to the input and every parameter; then the ConvNeXt U-Net as a whole (its
+CPU linear attention included).
 """
 
 import jax
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from colddiff_jax import xla_cpu
 from colddiff_jax.models import Unet
 from colddiff_jax.models import layers
 
@@ -70,19 +73,21 @@ def test_fast_paths_are_taken_on_cpu_and_can_be_switched_off(ynn):
   assert layers.use_fast_paths()
   conv = layers.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
   jaxpr = str(jax.make_jaxpr(lambda v: conv(v))(_x((1, 8, 8, 3))))
-  # The per-tap kernel gradient only where YNNPACK runs the convolutions.
-  assert ("custom_vjp_call" in jaxpr) == ynn
+  # bias_add, and the per-tap kernel gradient only where YNNPACK runs the
+  # convolutions.
+  assert jaxpr.count("custom_vjp_call") == (2 if ynn else 1)
   with layers.fast_cpu_paths(False):
     jaxpr = str(jax.make_jaxpr(lambda v: conv(v))(_x((1, 8, 8, 3))))
   assert "custom_vjp_call" not in jaxpr
 
 
 def test_this_process_gives_convolutions_to_eigen():
-  """conftest sets XLA_FLAGS before JAX starts; importing layers adds the flag."""
+  """conftest sets XLA_FLAGS before JAX starts; importing the package adds the
+  flag."""
   import os  # pylint: disable=g-import-not-at-top
-  assert layers.YNN_FLAG + "=" in os.environ["XLA_FLAGS"].split()
+  assert xla_cpu.YNN_FLAG + "=" in os.environ["XLA_FLAGS"].split()
   assert not layers.ynn_runs_convolutions()
-  assert not layers.prefer_eigen_on_cpu()  # already set: left alone
+  assert not xla_cpu.prefer_eigen_on_cpu()  # already set: left alone
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [
@@ -161,3 +166,41 @@ def test_whole_network_equals_the_plain_layers():
   unet = Unet(channels=3, dim=8, dim_mults=(1, 2), attn_heads=2,
               attn_dim_head=4, rngs=nnx.Rngs(5))
   _assert_same(unet, x, call=lambda m, v: m(v, t))
+
+
+@pytest.mark.parametrize("groups,axes", [(2, (1, 2, 4)), (1, (4,))],
+                         ids=["group_norm", "channel_layer_norm"])
+def test_affine_norm_gradient(groups, axes):
+  x = _x((2, 5, 6, 8)) * 3.0 + 0.5
+  scale, bias = _x((8,), seed=1), _x((8,), seed=2)
+  r = _x((2, 5, 6, 8), seed=3)
+
+  def plain(x, scale, bias):
+    return layers._normalize(x, scale, bias, groups, 1e-5, axes)[0]  # pylint: disable=protected-access
+
+  def fast(x, scale, bias):
+    return layers.affine_norm(x, scale, bias, groups, 1e-5, axes, jnp.float32)
+
+  np.testing.assert_allclose(np.asarray(jax.jit(fast)(x, scale, bias)),
+                             np.asarray(plain(x, scale, bias)), **TOL)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r),
+                            argnums=(0, 1, 2)))(x, scale, bias)
+           for f in (plain, fast)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+def test_bias_add_and_sum_leading():
+  g = _x((4, 6, 8, 5))
+  np.testing.assert_allclose(np.asarray(jax.jit(layers.sum_leading)(g)),
+                             np.asarray(jnp.sum(g, axis=(0, 1, 2))), **TOL)
+  odd = _x((3, 5))  # rows not a multiple of 32: the plain sum
+  np.testing.assert_allclose(np.asarray(layers.sum_leading(odd)),
+                             np.asarray(odd.sum(0)), **TOL)
+  b = _x((5,), seed=1)
+  y, vjp = jax.vjp(layers.bias_add, g, b)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(g + b))
+  gy, gb = vjp(g)
+  np.testing.assert_array_equal(np.asarray(gy), np.asarray(g))
+  np.testing.assert_allclose(np.asarray(gb), np.asarray(g.sum((0, 1, 2))),
+                             **TOL)

@@ -139,6 +139,7 @@ def _truncate_files(folder):
         f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow  # shares the slow `reference` run
 @pytest.mark.parametrize("damage", ["truncated", "missing_item"])
 def test_damaged_latest_checkpoint_falls_back_to_previous(reference, tmp_path, damage,
                                                           caplog):
@@ -163,6 +164,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference, tmp_path, d
   _assert_states_equal(ours, theirs)
 
 
+@pytest.mark.slow  # shares the slow `reference` run
 def test_no_readable_checkpoint_stops_unless_restart_allowed(reference, tmp_path):
   _, config = reference
   workdir = _copy_run(reference, tmp_path, upto=1)
@@ -175,6 +177,7 @@ def test_no_readable_checkpoint_stops_unless_restart_allowed(reference, tmp_path
   assert result["start_step"] == 0 and result["step"] == 1
 
 
+@pytest.mark.slow  # shares the slow `reference` run
 def test_checkpoint_of_another_model_names_the_first_mismatch(reference, tmp_path):
   workdir = _copy_run(reference, tmp_path, upto=2)
   config = tiny_config()
@@ -299,6 +302,7 @@ def test_unwritable_workdir_fails_before_training(tmp_path, monkeypatch, code, r
 
 # --------------------------------------------------------- determinism -----
 
+@pytest.mark.slow  # shares the slow `reference` run
 def test_same_seed_same_samples_and_metrics_other_seed_differs(reference, tmp_path):
   ref_dir, config = reference
   first = evaluate.evaluate_checkpoint(config, ref_dir)

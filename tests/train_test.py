@@ -185,6 +185,9 @@ def test_cli_trains_with_overrides_then_samples(tmp_path):
   out = _cli("--config=configs/quickstart.py:smoke", "--config.train.num_steps=2",
              *TINY_FLAGS, f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
+  # The CLI starts JAX's backend before importing the models: the package
+  # import must still have given the convolutions to Eigen.
+  assert "XLA:CPU convolutions: Eigen." in out.stderr
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["num_steps"] == 2
   assert os.listdir(tmp_path / "checkpoints") == ["2"]

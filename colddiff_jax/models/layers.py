@@ -1,4 +1,4 @@
-"""Convolution layers with fast CPU paths.
+"""Convolution and normalisation layers with fast CPU paths.
 
 The networks are written with plain Flax convolutions; on XLA:CPU several of
 them compile to slow kernels. The layers here compute exactly the same
@@ -10,14 +10,14 @@ What is slow on XLA:CPU, and what replaces it:
 
 * YNNPACK. XLA:CPU hands dense convolutions and matmuls to YNNPACK by
   default, which runs the kernel gradient of a convolution (a convolution
-  whose "kernel" is the 32x32 output cotangent) 5-15x slower than the forward
-  pass: ~45% of a ConvNeXt U-Net training step. Importing this module sets
-  the XLA flag that gives them to Eigen instead (`prefer_eigen_on_cpu`), which
-  runs that gradient at forward-pass speed and was faster on every network
+  whose "kernel" is the 32x32 output cotangent) 3-11x slower than the forward
+  pass: ~45% of a ConvNeXt U-Net training step. Importing the package sets
+  the XLA flag that gives them to Eigen instead (`xla_cpu.py`), which runs
+  that gradient at forward-pass speed and was faster on every network
   pass measured. Where YNNPACK still runs the convolutions (the flag was set
   too late, or overridden), `Conv` takes dL/dW as one matmul per kernel tap
   instead (`conv_nhwc`).
-* Grouped (depthwise 7x7) convolutions run through a generic kernel 15-30x
+* Grouped (depthwise 7x7) convolutions run through a generic kernel 13-30x
   slower than their arithmetic, with either backend. `DepthwiseConv` computes
   them as a sum of 49 shifted, scaled copies (forward and input gradient) and
   the kernel gradient as an FFT cross-correlation. Their inputs and outputs
@@ -30,18 +30,23 @@ What is slow on XLA:CPU, and what replaces it:
 * `nearest_upsample_conv`: nearest x2 upsampling followed by a 3x3 convolution
   is, per output phase, a 2x2 convolution of the un-upsampled input with
   summed kernel taps (4x less arithmetic; the DDPM U-Net's `Upsample`).
+* Normalisation gradients: XLA recomputes the cotangent's producers inside
+  each reduction of a GroupNorm / LayerNorm backward pass; `affine_norm`
+  writes that backward pass out over a materialised cotangent.
+* Bias and norm-scale gradients are column sums, which the Eigen build runs
+  5-30x slower than a blocked sum (`sum_leading`, `bias_add`).
 
 `PointwiseConv` runs a 1x1 convolution as a matmul on every backend.
 
-Every fast path is checked against the plain Flax computation in
-tests/layers_test.py.
+The ConvNeXt U-Net also reformulates its linear attention on CPU
+(`unet.LinearAttention`). Every fast path is checked against the plain Flax
+computation in tests/layers_test.py (gradients included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Sequence
 
 import jax
@@ -51,36 +56,6 @@ from flax import nnx
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _fast_cpu_paths = True
-
-#: The XLA:CPU flag that routes convolutions and matmuls to YNNPACK (its
-#: default) or, empty, to XLA's Eigen kernels.
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-
-
-def prefer_eigen_on_cpu() -> bool:
-  """Appends `--xla_cpu_experimental_ynn_fusion_type=` to XLA_FLAGS.
-
-  XLA:CPU hands dense convolutions and matmuls to YNNPACK by default. On
-  these networks Eigen, XLA's other CPU backend, is faster: YNNPACK runs the
-  kernel gradient of a convolution (a convolution with a 32x32 "kernel") ~10x
-  slower, and measured over a whole ConvNeXt U-Net training step, a DDPM U-Net
-  forward pass and a 128x128 ConvNeXt forward pass, the Eigen build was
-  faster in each. The flag takes effect only if the CPU backend has not
-  started yet (it is read once, at start-up), and a user's own setting of it
-  is left alone. Called when this module is imported.
-
-  Returns:
-    True if the flag was added.
-  """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if YNN_FLAG.lstrip("-") in flags:
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
-  return True
-
-
-prefer_eigen_on_cpu()
-
 
 @contextlib.contextmanager
 def fast_cpu_paths(enabled: bool):
@@ -110,7 +85,7 @@ def ynn_runs_convolutions() -> bool:
 
   Compiles a small convolution once and looks for a YNNPACK fusion in it. With
   YNNPACK, `Conv` takes its kernel gradient as matmuls (`conv_nhwc`); with
-  Eigen (see `prefer_eigen_on_cpu`), XLA's own kernel gradient is faster.
+  Eigen (see `xla_cpu.prefer_eigen_on_cpu`), XLA's own kernel gradient is faster.
   """
   x = jax.ShapeDtypeStruct((2, 8, 8, 32), jnp.float32)
   w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
@@ -145,6 +120,37 @@ def materialize(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   always = lax.population_count(lax.bitcast_convert_type(first, jnp.uint32)) <= 32
   return lax.cond(always, lambda *a: a,
                   lambda *a: tuple(jnp.zeros_like(v) for v in a), *arrays)
+
+
+def sum_leading(x: jax.Array) -> jax.Array:
+  """x [..., C] summed over every axis but the last, in float32.
+
+  XLA:CPU's Eigen build emits the plain column sum (a bias or norm-scale
+  gradient) as one strided pass per channel, 5-30x slower than summing
+  32-row blocks of [N/32, 32 C] first and then the 32 partial sums.
+  """
+  c = x.shape[-1]
+  n = x.size // c
+  x = x.astype(jnp.float32)
+  k = 32 if n % 32 == 0 and n > 32 else 1
+  return jnp.sum(x.reshape(n // k, k * c), axis=0).reshape(k, c).sum(axis=0)
+
+
+@jax.custom_vjp
+def bias_add(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias over the last axis; the bias gradient is `sum_leading`."""
+  return y + bias
+
+
+def _bias_add_fwd(y, bias):
+  return y + bias, jnp.zeros((0,), bias.dtype)
+
+
+def _bias_add_bwd(bias_like, g):
+  return g, sum_leading(g).astype(bias_like.dtype)
+
+
+bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
 # ------------------------------------------------------ dense convolution ----
@@ -271,33 +277,63 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 class Conv(nnx.Conv):
-  """`nnx.Conv` whose dense 2-D convolutions take `conv_nhwc` on CPU (YNNPACK)."""
+  """`nnx.Conv` with the CPU paths: `conv_nhwc` where YNNPACK runs the
+  convolution, and the bias added by `bias_add`."""
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault("conv_general_dilated", conv_general_dilated)
     super().__init__(*args, **kwargs)
 
+  def __call__(self, x: jax.Array) -> jax.Array:
+    padding = self.padding
+    explicit = (isinstance(padding, (tuple, list)) and len(padding) == 2
+                and all(isinstance(p, (tuple, list)) and len(p) == 2
+                        for p in padding))
+    if not (use_fast_paths() and x.ndim == 4 and self.bias is not None
+            and self.mask is None and self.preferred_element_type is None
+            and (padding in ("SAME", "VALID") or explicit)):
+      return super().__call__(x)
+    x, kernel, bias = self.promote_dtype(
+        (x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+    y = self.conv_general_dilated(
+        x, kernel, _pair(self.strides),
+        padding if isinstance(padding, str) else tuple(map(tuple, padding)),
+        lhs_dilation=_pair(self.input_dilation),
+        rhs_dilation=_pair(self.kernel_dilation),
+        dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                                     _NHWC),
+        feature_group_count=self.feature_group_count, precision=self.precision)
+    return bias_add(y, bias)
+
 
 # --------------------------------------------------- depthwise convolution ----
+
+
+def _tree_sum(terms: list[jax.Array]) -> jax.Array:
+  """Sum as a balanced tree (independent adds vectorise and pipeline better
+  than one chain of k*k dependent ones)."""
+  while len(terms) > 1:
+    pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+    terms = pairs + terms[len(pairs) * 2:]
+  return terms[0]
 
 
 def _shift_correlate(x: jax.Array, w: jax.Array) -> jax.Array:
   """'same' depthwise cross-correlation of x [B,H,W,C] with w [k,k,C].
 
-  The padded input and the result are materialised: each of the k*k shifted
-  reads would otherwise recompute a fused producer, and every consumer (a
-  normalisation reads its input several times) would recompute the sum.
+  Sums each kernel row's k products, then the k row sums (1.3-1.7x faster on
+  XLA:CPU than one running sum). The padded input and the result are
+  materialised: each of the k*k shifted reads would otherwise recompute a
+  fused producer, and every consumer (a normalisation reads its input
+  several times) would recompute the sum.
   """
   k = w.shape[0]
   p = k // 2
   h, wd = x.shape[1], x.shape[2]
   (xp,) = materialize(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
-  out = xp[:, 0:h, 0:wd, :] * w[0, 0]
-  for i in range(k):
-    for j in range(k):
-      if i or j:
-        out = out + xp[:, i:i + h, j:j + wd, :] * w[i, j]
-  (out,) = materialize(out)
+  rows = [_tree_sum([xp[:, i:i + h, j:j + wd, :] * w[i, j] for j in range(k)])
+          for i in range(k)]
+  (out,) = materialize(_tree_sum(rows))
   return out
 
 
@@ -343,7 +379,7 @@ class DepthwiseConv(nnx.Conv):
     kernel = self.kernel[...].astype(dtype)[:, :, 0, :]
     y = depthwise_same(x.astype(dtype), kernel)
     if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
+      y = bias_add(y, self.bias[...].astype(dtype))
     return y
 
 
@@ -354,8 +390,73 @@ class PointwiseConv(nnx.Conv):
     dtype = self.dtype or x.dtype
     y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype)[0, 0])
     if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
+      bias = self.bias[...].astype(dtype)
+      y = bias_add(y, bias) if use_fast_paths() else y + bias
     return y
+
+
+# ------------------------------------------------------------ normalisation ----
+
+
+def _norm_shape(x: jax.Array, groups: int) -> tuple[int, ...]:
+  b, h, w, c = x.shape
+  return (b, h, w, groups, c // groups)
+
+
+def _normalize(x, scale, bias, groups, eps, axes):
+  xg = x.astype(jnp.float32).reshape(_norm_shape(x, groups))
+  mean = jnp.mean(xg, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+  rstd = lax.rsqrt(var + eps)
+  xhat = ((xg - mean) * rstd).reshape(x.shape)
+  y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y, xhat, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def affine_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                eps: float, axes: tuple[int, ...], dtype) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias, statistics in float32.
+
+  x [B, H, W, C] is viewed as [B, H, W, groups, C / groups] and the (biased)
+  statistics are taken over `axes` of that view: (1, 2, 4) is GroupNorm,
+  (4,) with one group is a per-pixel LayerNorm over channels. The result is
+  cast to `dtype`.
+
+  The backward pass is the textbook one, written out: XLA's own gradient
+  recomputes the incoming cotangent's producers (sigmoids, erfs) inside each
+  of its four reductions, which made the DDPM U-Net's GroupNorm gradients
+  ~40% of its training step on XLA:CPU. Here the cotangent is materialised
+  once and the reductions read it.
+  """
+  return _normalize(x, scale, bias, groups, eps, axes)[0].astype(dtype)
+
+
+def _affine_norm_fwd(x, scale, bias, groups, eps, axes, dtype):
+  y, xhat, rstd = _normalize(x, scale, bias, groups, eps, axes)
+  # Zero-size arrays carry the input dtypes (residuals must be arrays).
+  return y.astype(dtype), (xhat, rstd, scale, jnp.zeros((0,), x.dtype),
+                           jnp.zeros((0,), bias.dtype))
+
+
+def _affine_norm_bwd(groups, eps, axes, dtype, res, g):
+  del eps, dtype
+  xhat, rstd, scale, x_like, bias_like = res
+  x_dtype, bias_dtype = x_like.dtype, bias_like.dtype
+  g, xhat = materialize(g.astype(jnp.float32), xhat)
+  shape = _norm_shape(xhat, groups)
+  dbias = sum_leading(g)
+  dscale = sum_leading(g * xhat)
+  gx = (g * scale.astype(jnp.float32)).reshape(shape)
+  xg = xhat.reshape(shape)
+  m1 = jnp.mean(gx, axis=axes, keepdims=True)
+  m2 = jnp.mean(gx * xg, axis=axes, keepdims=True)
+  dx = (rstd * (gx - m1 - xg * m2)).reshape(xhat.shape)
+  return (dx.astype(x_dtype), dscale.astype(scale.dtype),
+          dbias.astype(bias_dtype))
+
+
+affine_norm.defvjp(_affine_norm_fwd, _affine_norm_bwd)
 
 
 # --------------------------------------------------- transposed convolution ----

@@ -177,6 +177,9 @@ class ChannelLayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if layers.use_fast_paths():  # the same function, a CPU-friendly gradient
+      return layers.affine_norm(x, self.g[...], self.b[...], 1, self.eps, (4,),
+                                self.dtype)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -244,6 +247,8 @@ class LinearAttention(nnx.Module):
     self.to_out = conv(hidden, channels, 1, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if layers.use_fast_paths():
+      return x + self.to_out(self._attend_cpu(self.norm(x)))
     b, h, w, _ = x.shape
     qkv = self.to_qkv(self.norm(x)).reshape(b, h * w, 3, self.heads,
                                             self.dim_head)
@@ -254,6 +259,31 @@ class LinearAttention(nnx.Module):
     out = jnp.einsum("bhde,bnhd->bnhe", context, q)
     out = out.reshape(b, h, w, self.heads * self.dim_head)
     return x + self.to_out(out)
+
+  def _attend_cpu(self, xn: jax.Array) -> jax.Array:
+    """The same attention in the [B, N, channels] layout, for XLA:CPU.
+
+    The per-head einsums above make XLA:CPU transpose q, k, v and the output
+    to put the head axis first (the attention block then runs ~2x slower,
+    forward and backward). Here q, k and v come from three matmuls with
+    column blocks of the to_qkv kernel, and both contractions run over all
+    heads x dim_head channels at once: context[b, c, c'] = sum_n k v, with
+    the cross-head entries zeroed, then out = q context. The zeroed entries
+    add exact zeros, so only the summation order differs.
+    """
+    b, h, w, c = xn.shape
+    hidden = self.heads * self.dim_head
+    kernel = self.to_qkv.kernel[...].astype(self.dtype)[0, 0]
+    flat = xn.astype(self.dtype).reshape(b * h * w, c)
+    q, k, v = (jnp.dot(flat, kernel[:, i * hidden:(i + 1) * hidden]).reshape(
+        b, h * w, hidden) for i in range(3))
+    q = q * jnp.asarray(self.dim_head ** -0.5, q.dtype)
+    k = jax.nn.softmax(k.astype(jnp.float32), axis=1).astype(self.dtype)
+    head = np.arange(hidden) // self.dim_head
+    same_head = jnp.asarray(head[:, None] == head[None, :], self.dtype)
+    context = jnp.einsum("bnc,bne->bce", k, v) * same_head
+    out = jnp.einsum("bnc,bce->bne", q, context)
+    return out.reshape(b, h, w, hidden)
 
 
 class Stage(nnx.Module):

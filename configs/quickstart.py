@@ -26,6 +26,9 @@ def get_config(arg=None):
   config.model.dim_mults = (1, 2, 4)
   config.model.attn_heads = 1
   config.model.attn_dim_head = 16
+  # L2 rather than the paper's L1: it optimises the RMSE reported at the end
+  # (Direct 0.174 -> 0.161, Sampled 0.230 -> 0.206 at the same cost).
+  config.train.loss = "l2"
   # A high constant-then-cosine learning rate: the decay to 0 at the end of
   # this short run gains more than any constant rate (Direct RMSE 0.186 ->
   # 0.174 at the same cost).

@@ -89,6 +89,28 @@ def test_loss_decreases():
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.parametrize("name,expected", [
+    ("l1", lambda x: np.mean(np.abs(x))),
+    ("l2", lambda x: np.mean(x * x)),
+    ("sqrt", lambda x: np.sqrt(np.mean(np.abs(x))))])
+def test_train_step_uses_the_configured_loss(name, expected):
+  """With a network that predicts 0 the loss is LOSSES[name](-x0), averaged
+  over the micro-batches."""
+  config = tiny_config()
+  config.train.loss = name
+  deg = degradations.build(config.degradation, config.data.image_size, config.data.channels)
+  model = models.build(config.model, config.data.channels, config.data.image_size,
+                       rngs=nnx.Rngs(0))
+  tx = train.make_optimizer(config.optim)
+  state = train.create_state(config, model, tx)
+  zero_net = lambda params, x, t, dropout_rng=None: jnp.zeros_like(x)
+  x0 = np.random.default_rng(0).uniform(-1, 1, (2, 4, 32, 32, 1)).astype(np.float32)
+  _, metrics = jax.jit(train.make_train_step(config, deg, zero_net, tx))(
+      state, {"image": x0})
+  np.testing.assert_allclose(float(metrics["loss"]),
+                             np.mean([expected(micro) for micro in x0]), rtol=1e-6)
+
+
 def test_ema_semantics_are_official():
   ema = {"w": jnp.array([1.0, 2.0])}
   params = {"w": jnp.array([3.0, 5.0])}

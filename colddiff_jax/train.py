@@ -359,9 +359,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ValueError / OSError / RuntimeError: bad config, unusable workdir, or no
       readable checkpoint; all before the first compile.
   """
-  # clu's writers import TensorFlow (seconds): only the training loop needs them.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   mesh, deg, model = _build(config)
   is_main = jax.process_index() == 0
   workdir = paths.resolve(workdir)
@@ -391,10 +388,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     raise
 
+  # clu's writers import TensorFlow (seconds), so bad input is refused first.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   _log_cpu_convolutions()
   if start_step == 0:
-    parameter_overview.log_parameter_overview(state["params"].to_pure_dict())
+    parameter_overview.log_parameter_overview(nnx.to_pure_dict(state["params"]))
     writer.write_scalars(0, {"num_params": models.count_params(model)})
   num_steps = config.train.num_steps
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

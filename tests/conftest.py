@@ -48,12 +48,17 @@ _CACHE_FLAGS = {
 }
 
 
+@pytest.fixture(scope="session")
+def _jax_cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
 @pytest.fixture(scope="module")
-def fast_compiles(tmp_path_factory):
+def fast_compiles(_jax_cache_dir):
   """Compile time dominates these tests: skip XLA's slow optimisation passes and
-  share compiled programs between the runs (and CLI subprocesses) of a test
-  through a persistent compilation cache."""
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  share compiled programs between the runs (and CLI subprocesses) of all such
+  modules through one persistent compilation cache for the session."""
+  cache = _jax_cache_dir
   flags = dict(_CACHE_FLAGS, jax_compilation_cache_dir=cache)
   previous = {}
   for k in flags:

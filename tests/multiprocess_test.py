@@ -40,7 +40,7 @@ def _launch_two_processes(workdir: str, *flags: str, timeout: int = 900):
   env = cli_env(devices=4)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "colddiff_jax.main", "--config=configs/quickstart.py:smoke",
-       *TINY_FLAGS, "--config.optim.learning_rate=1e-3", "--config.train.keep=5",
+       *TINY_FLAGS, "--config.train.keep=5",
        "--config.train.log_every=1", f"--config.train.num_steps={NUM_STEPS}",
        *flags, f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
        "--num_processes=2", f"--process_id={i}"],

@@ -57,7 +57,7 @@ def reference(tmp_path_factory):
 
 def _cli_command(workdir, num_steps=6):
   return [sys.executable, "-m", "colddiff_jax.main", SMOKE, *TINY_FLAGS,
-          "--config.optim.learning_rate=1e-3", "--config.train.keep=10",
+          "--config.train.keep=10",
           "--config.train.log_every=1", "--config.train.ckpt_every=1",
           f"--config.train.num_steps={num_steps}", f"--workdir={workdir}"]
 

@@ -199,24 +199,26 @@ def test_cli_unknown_key_fails_with_its_name(tmp_path):
 # The overrides that turn the smoke config into `tiny_config()`, so that the CLI
 # runs reuse the programs the in-process tests compiled (persistent cache).
 TINY_FLAGS = ("--config.degradation.time_steps=4", "--config.optim.grad_accum=2",
-              "--config.eval.num_images=16", "--config.train.ema_start=2",
-              "--config.train.ema_every=1", "--config.train.sample_every=2")
+              "--config.optim.learning_rate=1e-3", "--config.eval.num_images=16",
+              "--config.train.ema_start=2", "--config.train.ema_every=1",
+              "--config.train.sample_every=2")
 
 
 def test_cli_trains_with_overrides_then_samples(tmp_path):
-  out = _cli("--config=configs/quickstart.py:smoke", "--config.train.num_steps=2",
+  # 3 steps (the smoke config runs 4) with the programs compiled by the tests above.
+  out = _cli("--config=configs/quickstart.py:smoke", "--config.train.num_steps=3",
              *TINY_FLAGS, f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
   # The CLI starts JAX's backend before importing the models: the package
   # import must still have given the convolutions to Eigen.
   assert "XLA:CPU convolutions: Eigen." in out.stderr
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["train"]["num_steps"] == 2
-  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert json.load(f)["train"]["num_steps"] == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
   out = _cli("--config=configs/quickstart.py:smoke", *TINY_FLAGS, "--mode=sample",
              f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "sample_00000002.png" in os.listdir(tmp_path / "samples")
+  assert "sample_00000003.png" in os.listdir(tmp_path / "samples")
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

@@ -274,6 +274,23 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, flag, message):
   assert not workdir.exists() or not os.listdir(workdir)  # nothing half-written
 
 
+def test_bad_config_is_refused_before_tensorflow_is_imported():
+  """TensorFlow (clu's TensorBoard writer) takes seconds to import; a bad
+  config must be refused without waiting for it."""
+  code = ("import sys\n"
+          "from colddiff_jax import train\n"
+          "from configs import quickstart\n"
+          "config = quickstart.get_config('smoke')\n"
+          "config.train.loss = 'l3'\n"
+          "try:\n"
+          "  train.train_and_evaluate(config, '/nonexistent/never/written')\n"
+          "except ValueError as e:\n"
+          "  print('refused', 'tensorflow' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.stdout.split() == ["refused", "False"], out.stderr[-3000:]
+
+
 def test_missing_and_empty_folders_name_the_path(tmp_path):
   config = tiny_config()
   config.data.name = "folder"

@@ -284,7 +284,7 @@ def test_bad_config_is_refused_before_tensorflow_is_imported():
           "config.train.loss = 'l3'\n"
           "try:\n"
           "  train.train_and_evaluate(config, '/nonexistent/never/written')\n"
-          "except ValueError as e:\n"
+          "except ValueError:\n"
           "  print('refused', 'tensorflow' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=300)

@@ -69,17 +69,8 @@ class GroupNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if layers.use_fast_paths():  # the same function, a CPU-friendly gradient
-      return layers.affine_norm(x, self.scale[...], self.bias[...],
-                                self.groups, self.eps, (1, 2, 4), self.dtype)
-    b, h, w, c = x.shape
-    xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(
-        jnp.float32)
-    return y.astype(self.dtype)
+    return layers.normalize(x, self.scale[...], self.bias[...], self.groups,
+                            self.eps, (1, 2, 4), self.dtype)
 
 
 class ResnetBlock(nnx.Module):

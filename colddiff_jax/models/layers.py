@@ -459,6 +459,15 @@ def _affine_norm_bwd(groups, eps, axes, dtype, res, g):
 affine_norm.defvjp(_affine_norm_fwd, _affine_norm_bwd)
 
 
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+              eps: float, axes: tuple[int, ...], dtype) -> jax.Array:
+  """The normalisation of `affine_norm` (GroupNorm, channel LayerNorm): with
+  its written-out gradient on the CPU fast path, XLA's own gradient elsewhere."""
+  if use_fast_paths():
+    return affine_norm(x, scale, bias, groups, eps, axes, dtype)
+  return _normalize(x, scale, bias, groups, eps, axes)[0].astype(dtype)
+
+
 # --------------------------------------------------- transposed convolution ----
 
 

@@ -177,15 +177,8 @@ class ChannelLayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if layers.use_fast_paths():  # the same function, a CPU-friendly gradient
-      return layers.affine_norm(x, self.g[...], self.b[...], 1, self.eps, (4,),
-                                self.dtype)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.g[...].astype(jnp.float32) + self.b[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return layers.normalize(x, self.g[...], self.b[...], 1, self.eps, (4,),
+                            self.dtype)
 
 
 class ConvNextBlock(nnx.Module):

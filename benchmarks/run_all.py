@@ -15,8 +15,9 @@ Sections (each one `--sections` name):
            celeba_blur (ConvNeXt U-Net, 128x128x3, 8 x 2): compile time,
            median step time, img/s (every image of the step), peak memory,
            the process's CPU time per step, XLA's FLOPs per step and the
-           utilisation against the peak below. On a GPU in float32 and
-           bfloat16 (--dtypes).
+           utilisation against the peak below, XLA's scratch memory
+           (xla_temp_mib). On a GPU in float32 and bfloat16 (--dtypes);
+           with --remat each case again with rematerialised blocks.
 * sample   Algorithm 2 (`sampling.sample`, method 'tacos': one `lax.scan`
            in one jit) with a randomly initialised network: MNIST T=20 batch
            64, CIFAR-10 T=50 batch 64, CelebA-128 T=200 batch 4. A full run
@@ -223,22 +224,32 @@ def run_train(args: argparse.Namespace) -> list[dict]:
   """The train-step rows (benchmarks/train_step.run_case, in this process)."""
   rows = []
   for dtype in args.dtypes:
-    targs = train_step.parse_args(
-        (["--quick"] if args.quick else [])
-        + ["--dtype", dtype, "--repeats", str(args.repeats),
-           "--budget", "1e9", "--seed", str(args.seed)])
-    peak = peak_for(dtype, args)
-    for name in args.train_cases:
-      print(f"  train {name} ({dtype}) ...", flush=True)
-      row = train_step.run_case(name, targs)
-      row["utilisation"] = _utilisation(row["flops_per_step"], row["step_s"],
-                                        peak)
-      row["peak"] = peak
-      rows.append(row)
-      print(f"    compile {row['compile_s']:.1f} s, step {row['step_s']:.2f} s, "
-            f"{row['img_per_s']:.2f} img/s (official "
-            f"{row['official_img_per_s']:g}), cpu {row['cpu_s_per_step']:.1f} s"
-            f"/step", flush=True)
+    for remat in (False, True) if args.remat else (False,):
+      targs = train_step.parse_args(
+          (["--quick"] if args.quick else []) + (["--remat"] if remat else [])
+          + ["--dtype", dtype, "--repeats", str(args.repeats),
+             "--budget", "1e9", "--seed", str(args.seed)])
+      rows += _train_rows(args, targs, dtype, remat)
+  return rows
+
+
+def _train_rows(args: argparse.Namespace, targs: argparse.Namespace,
+                dtype: str, remat: bool) -> list[dict]:
+  """The train cases' rows with one dtype and remat setting."""
+  rows = []
+  peak = peak_for(dtype, args)
+  for name in args.train_cases:
+    print(f"  train {name} ({dtype}{', remat' if remat else ''}) ...",
+          flush=True)
+    row = train_step.run_case(name, targs)
+    row["utilisation"] = _utilisation(row["flops_per_step"], row["step_s"],
+                                      peak)
+    row["peak"] = peak
+    rows.append(row)
+    print(f"    compile {row['compile_s']:.1f} s, step {row['step_s']:.2f} s, "
+          f"{row['img_per_s']:.2f} img/s (official "
+          f"{row['official_img_per_s']:g}), cpu {row['cpu_s_per_step']:.1f} s"
+          f"/step", flush=True)
   return rows
 
 
@@ -354,7 +365,7 @@ def run_input(args: argparse.Namespace, train_rows: list[dict]) -> list[dict]:
     print(f"  input pipeline: skipped ({e})", flush=True)
     return [{"source": None, "skipped": f"benchmarks/input_pipeline.py: {e}"}]
   consumed = {r["case"]: r["img_per_s"] for r in train_rows
-              if r["dtype"] == "float32"}
+              if r["dtype"] == "float32" and not r.get("remat")}
   seconds = QUICK["input_seconds"] if args.quick else args.input_seconds
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -395,14 +406,16 @@ def summary(result: dict) -> list[dict]:
     lines.append({
         "workload": f"train {r['case']} {r['image_size']}x{r['image_size']}x"
                     f"{r['channels']} {r['batch']}x{r['grad_accum']} "
-                    f"{r['dtype']}",
+                    f"{r['dtype']}" + (" remat" if r.get("remat") else ""),
         "ours": f"{r['img_per_s']:.2f} img/s",
         "official": f"{r['official_img_per_s']:g} img/s",
         "ratio": r["ratio"] if r["comparable"] else None,
-        "target": TRAIN_TARGET,
+        # The target is for the default (stored-activation) step.
+        "target": None if r.get("remat") else TRAIN_TARGET,
         "note": (f"step {r['step_s']:.2f} s, compile {r['compile_s']:.0f} s, "
                  f"cpu {r['cpu_s_per_step']:.1f} s/step, peak "
-                 f"{common.fmt(r['peak_memory_mib'], '.0f')} MiB, util "
+                 f"{common.fmt(r['peak_memory_mib'], '.0f')} MiB (XLA temp "
+                 f"{common.fmt(r.get('xla_temp_mib'), '.0f')} MiB), util "
                  f"{common.fmt(r['utilisation'] and 100 * r['utilisation'], '.1f')}%")})
   for r in result["sample"]:
     lines.append({
@@ -475,6 +488,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--dtypes", nargs="+", choices=sorted(train.DTYPES),
                       default=None, help="train-step compute dtypes (default: "
                       "float32 on CPU, float32 and bfloat16 elsewhere).")
+  parser.add_argument("--remat", action="store_true",
+                      help="also time every train case with train.remat "
+                      "(blocks recomputed in the backward pass: less memory, "
+                      "more compute).")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed runs after the warm-up (default 5; 2 with "
                       "--quick).")

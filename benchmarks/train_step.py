@@ -61,7 +61,10 @@ blur the next one's figure.
   during the steps).
 * GPU/TPU: `device.memory_stats()['peak_bytes_in_use']`, the largest over the
   mesh's devices (this process holds nothing else on them).
-The JSON's memory_source names the method used.
+The JSON's memory_source names the method used. xla_temp_mib is XLA's own
+count of the step's scratch memory (`compiled.memory_analysis()`:
+activations, gradients and other intermediates, not the state), the same
+on every run and backend; --remat (`train.remat`) is the lever for it.
 
 --quick is a smoke run of the script, not a measurement: the configs'
 `smoke` U-Nets cut to one level (dim 8 / ch 32), 16x16 MNIST and CIFAR-10
@@ -72,6 +75,7 @@ Run (about 8 minutes on 2 CPU cores; one CelebA step takes about a minute):
   python -m benchmarks.train_step
   python -m benchmarks.train_step --quick          # tiny smoke run
   python -m benchmarks.train_step --cases mnist_blur --dtype bfloat16
+  python -m benchmarks.train_step --remat           # rematerialised blocks
   python -m benchmarks.train_step --peak-tflops 989   # MFU on a GPU
 Results are printed as a table and written to benchmarks/results/
 train_step.json (--out to change), with the JAX version, backend, device
@@ -207,6 +211,7 @@ def make_config(case: Case, args: argparse.Namespace):
   if args.grad_accum:
     config.optim.grad_accum = args.grad_accum
   config.train.dtype = args.dtype
+  config.train.remat = args.remat
   if args.mesh_data is not None:
     config.mesh.data = args.mesh_data
   config.seed = args.seed
@@ -244,6 +249,16 @@ def _flops(compiled) -> float | None:
   return flops if flops > 0 else None
 
 
+def _temp_bytes(compiled) -> int | None:
+  """XLA's scratch memory of a compiled executable (its `memory_analysis`):
+  activations, gradients and other intermediates, without the arguments
+  and outputs. Deterministic, unlike an RSS or allocator peak."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # backend without it
+    return None
+
+
 # --------------------------------------------------------------- benchmark ----
 
 
@@ -263,7 +278,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
   deg = degradations.build(config.degradation, size, channels)
   model = models.build(config.model, channels, size,
                        rngs=nnx.Rngs(config.seed),
-                       dtype=train.DTYPES[config.train.dtype])
+                       dtype=train.DTYPES[config.train.dtype],
+                       remat=config.train.remat)
   num_params = models.count_params(model)
   apply_fn = train.make_apply_fn(model)
   tx = train.make_optimizer(config.optim)
@@ -285,6 +301,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   flops = _flops(compiled)
+  temp_bytes = _temp_bytes(compiled)
   compile_peak = (_max_rss_bytes() - rss_base) if on_cpu else None
   if on_cpu:
     _trim_heap()
@@ -339,6 +356,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
       "time_steps": deg.num_steps,
       "num_params": num_params,
       "dtype": config.train.dtype,
+      "remat": config.train.remat,
       "batch": batch_size,
       "grad_accum": accum,
       "images_per_step": images_per_step,
@@ -361,6 +379,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
       "memory_includes_compile": on_cpu and not can_reset,
       "memory_source": memory_source,
       "state_mib": state_bytes / _MIB,
+      "xla_temp_mib": None if temp_bytes is None else temp_bytes / _MIB,
       # Arrays alive when the timed steps start (state + batch), and the
       # growth of the peak RSS during the steps over the RSS just before
       # them: together, what the step itself needs, without the runtime and
@@ -385,6 +404,8 @@ def _worker_argv(args: argparse.Namespace, name: str, out: str) -> list[str]:
           "--seed", str(args.seed)]
   if args.quick:
     argv.append("--quick")
+  if args.remat:
+    argv.append("--remat")
   for flag, value in (("--batch", args.batch),
                       ("--grad-accum", args.grad_accum),
                       ("--mesh-data", args.mesh_data),
@@ -418,26 +439,30 @@ def _params(n: int) -> str:
 
 def format_table(rows: list[dict], with_mfu: bool) -> str:
   """The results as a fixed-width text table."""
-  header = (f"{'config':<12} {'size':>8} {'T':>4} {'params':>7} {'dtype':>8} "
+  header = (f"{'config':<18} {'size':>8} {'T':>4} {'params':>7} {'dtype':>8} "
             f"{'batch':>6} {'compile s':>9} {'step s':>8} {'runs':>4} "
-            f"{'img/s':>8} {'official':>8} {'ratio':>7} {'peak MiB':>9}")
+            f"{'img/s':>8} {'official':>8} {'ratio':>7} {'peak MiB':>9} "
+            f"{'XLA tmp':>8}")
   if with_mfu:
     header += f" {'TFLOP/s':>8} {'MFU':>6}"
   lines = [header, "-" * len(header)]
   for r in rows:
     shape = f"{r['image_size']}x{r['channels']}"
-    line = (f"{r['case']:<12} {shape:>8} {r['time_steps']:>4} "
+    case = r["case"] + (" remat" if r.get("remat") else "")
+    line = (f"{case:<18} {shape:>8} {r['time_steps']:>4} "
             f"{_params(r['num_params']):>7} {r['dtype']:>8} "
             f"{str(r['batch']) + 'x' + str(r['grad_accum']):>6} "
             f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['runs']:>4} "
             f"{r['img_per_s']:>8.2f} {r['official_img_per_s']:>8.2f} "
-            f"{r['ratio']:>6.2f}x {common.fmt(r['peak_memory_mib'], '9.0f'):>9}")
+            f"{r['ratio']:>6.2f}x {common.fmt(r['peak_memory_mib'], '9.0f'):>9} "
+            f"{common.fmt(r.get('xla_temp_mib'), '8.0f'):>8}")
     if with_mfu:
       line += (f" {common.fmt(r['tflop_per_s'], '8.2f'):>8} "
                f"{common.fmt(r['mfu'] and 100 * r['mfu'], '5.1f') + '%':>6}")
     lines.append(line)
   lines.append("batch = images per micro-batch x grad_accum; img/s counts "
-               "every image of a step; official = PyTorch img/s, same CPU.")
+               "every image of a step; official = PyTorch img/s, same CPU; "
+               "XLA tmp = the step's scratch MiB (memory_analysis).")
   return "\n".join(lines)
 
 
@@ -466,6 +491,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       default=list(CASES), help="configs to run (default all).")
   parser.add_argument("--dtype", choices=sorted(train.DTYPES),
                       default="float32", help="compute dtype (train.dtype).")
+  parser.add_argument("--remat", action="store_true",
+                      help="recompute each block's activations in the "
+                      "backward pass (train.remat).")
   parser.add_argument("--batch", type=int, default=None,
                       help="images per micro-batch (default: 32 MNIST, 8 "
                       f"CelebA; {QUICK_BATCH} with --quick).")

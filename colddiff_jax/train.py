@@ -59,6 +59,8 @@ def check_config(config) -> None:
   if config.train.dtype not in DTYPES:
     raise ValueError(f"train.dtype={config.train.dtype!r} must be one of "
                      f"{', '.join(DTYPES)}.")
+  if not isinstance(config.train.remat, bool):
+    raise ValueError(f"train.remat={config.train.remat!r} must be True or False.")
   for key in ("batch_size", "num_steps", "ckpt_every", "log_every", "sample_every",
               "keep", "ema_every"):
     value = config.train[key]
@@ -229,7 +231,8 @@ def _build(config):
   parallel.check_global_batch(config.eval.batch_size, mesh, key="eval.batch_size")
   deg = degradations.build(config.degradation, config.data.image_size, config.data.channels)
   model = models.build(config.model, config.data.channels, config.data.image_size,
-                       rngs=nnx.Rngs(config.seed), dtype=DTYPES[config.train.dtype])
+                       rngs=nnx.Rngs(config.seed), dtype=DTYPES[config.train.dtype],
+                       remat=config.train.remat)
   return mesh, deg, model
 
 

@@ -87,6 +87,7 @@ def test_train_step_quick_run_times_both_configs(tmp_path, capsys):
     assert r["ratio"] == pytest.approx(r["img_per_s"] / case.official_img_s)
     assert np.isfinite(r["loss"])
     assert r["peak_memory_mib"] is not None and r["memory_source"]
+    assert r["xla_temp_mib"] > 0 and r["remat"] is False
     assert r["comparable"] is False  # --quick: not the official batch/size
   assert rows[1]["time_steps"] == 200 and rows[1]["channels"] == 3
   assert [t["conclusive"] for t in data["targets"]] == [False, False]
@@ -94,27 +95,33 @@ def test_train_step_quick_run_times_both_configs(tmp_path, capsys):
   assert "img/s" in printed and "Target mnist_blur" in printed
 
   # The per-config worker processes get the same settings back.
-  args = train_step.parse_args(["--quick", "--dtype", "bfloat16",
+  args = train_step.parse_args(["--quick", "--dtype", "bfloat16", "--remat",
                                 "--grad-accum", "3", "--peak-tflops", "100"])
   worker = train_step.parse_args(
       train_step._worker_argv(args, "celeba_blur", "row.json")[3:])
   assert worker.worker_out == "row.json" and worker.cases == ["celeba_blur"]
-  for key in ("quick", "dtype", "grad_accum", "peak_tflops", "repeats",
-              "budget", "batch", "mesh_data", "seed"):
+  for key in ("quick", "dtype", "remat", "grad_accum", "peak_tflops",
+              "repeats", "budget", "batch", "mesh_data", "seed"):
     assert getattr(worker, key) == getattr(args, key), key
 
 
 def test_run_all_quick_writes_every_section(tmp_path, capsys):
-  """benchmarks/run_all.py --quick: every section, one config each."""
+  """benchmarks/run_all.py --quick: every section, one config each (the
+  train case also with --remat)."""
   out = tmp_path / "cpu.json"
   run_all.main(["--quick", "--train-cases", "mnist_blur", "--sample-cases",
-                "celeba_blur", "--input-seconds", "0.2", "--out", str(out)])
+                "celeba_blur", "--input-seconds", "0.2", "--remat",
+                "--out", str(out)])
   data = json.loads(out.read_text())
   for key in ("date", "jax_version", "backend", "xla_flags", "load_average"):
     assert data[key] is not None
   assert data["quick"] and data["repeats"] == 2 and data["sample_steps"] == 2
-  (train,) = data["train"]
-  assert train["case"] == "mnist_blur" and train["runs"] == 2
+  train, remat = data["train"]
+  assert train["case"] == remat["case"] == "mnist_blur" and train["runs"] == 2
+  assert not train["remat"] and remat["remat"]
+  # Rematerialised: less scratch memory for more FLOPs.
+  assert remat["xla_temp_mib"] < train["xla_temp_mib"]
+  assert remat["flops_per_step"] > train["flops_per_step"]
   assert train["flops_per_step"] > 0 and 0 < train["utilisation"]
   assert train["peak"]["peak_flops"] > 0 and "FMA" in train["peak"]["formula"]
   (sample,) = data["sample"]
@@ -129,7 +136,8 @@ def test_run_all_quick_writes_every_section(tmp_path, capsys):
     assert r["img_per_s"] > 0
   assert data["input"][0]["train_step_img_per_s"] == train["img_per_s"]
   workloads = [line["workload"] for line in data["summary"]]
-  assert len(workloads) == 5 and workloads[0].startswith("train mnist_blur")
+  assert len(workloads) == 6 and workloads[0].startswith("train mnist_blur")
+  assert workloads[1].endswith("remat")
   assert all(line["met"] is None for line in data["summary"])  # no targets
   printed = capsys.readouterr().out
   assert "official" in printed and "CPU peak" in printed

@@ -235,3 +235,22 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
   config.optim.schedule = "linear"
   with pytest.raises(ValueError, match="optim.schedule='linear'"):
     train.check_config(config)
+
+
+def test_train_remat_is_checked_and_may_change_on_resume(tmp_path):
+  config = tiny_config()
+  with config.ignore_type():
+    config.train.remat = 1
+  with pytest.raises(ValueError, match=r"train\.remat=1 must be True or False"):
+    train.check_config(config)
+  # Rematerialisation changes how the step computes, not the experiment: a
+  # run may resume with it switched (e.g. after running out of memory).
+  config.train.remat = False
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  config.train.remat = True
+  train.check_workdir(config, str(tmp_path))
+  _, _, model = train._build(config)  # pylint: disable=protected-access
+  assert model.remat is True
+  config.model.dim *= 2
+  with pytest.raises(ValueError, match="different experiment: model.dim"):
+    train.check_workdir(config, str(tmp_path))

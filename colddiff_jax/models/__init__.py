@@ -79,7 +79,7 @@ def _check_divisible(image_size: int, levels: int, key: str) -> None:
 
 
 def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
-          dtype: Any = jnp.float32) -> nnx.Module:
+          dtype: Any = jnp.float32, remat: bool = False) -> nnx.Module:
   """Builds the network named by `model_config.name`.
 
   Args:
@@ -91,6 +91,8 @@ def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
     image_size: side of the square images.
     rngs: PRNG streams for parameter initialisation.
     dtype: compute dtype (parameters stay float32; the output is float32).
+    remat: recompute each block's activations in the backward pass
+      (`config.train.remat`; see `layers.call`).
 
   Returns:
     A `Unet` or a `DDPMUnet`.
@@ -99,6 +101,8 @@ def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
     ValueError: naming the offending key when the config is invalid.
   """
   name = _get(model_config, "name")
+  if not isinstance(remat, bool):
+    raise ValueError(f"train.remat={remat!r} must be True or False.")
   channels = _positive_int("channels", channels, prefix="data.")
   image_size = _positive_int("image_size", image_size, prefix="data.")
   if name == "unet":
@@ -116,7 +120,7 @@ def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
     return Unet(channels=channels, dim=dim, dim_mults=dim_mults,
                 with_time_emb=with_time_emb, residual=residual,
                 out_dim=channels, attn_heads=heads, attn_dim_head=dim_head,
-                dtype=dtype, rngs=rngs)
+                remat=remat, dtype=dtype, rngs=rngs)
   if name == "ddpm":
     ch = _positive_int("ch", _get(model_config, "ch"))
     if ch % 32:
@@ -139,7 +143,8 @@ def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
                     num_res_blocks=num_res_blocks,
                     attn_resolutions=attn_resolutions, dropout=float(rate),
                     resamp_with_conv=resamp_with_conv, in_channels=channels,
-                    resolution=image_size, dtype=dtype, rngs=rngs)
+                    resolution=image_size, remat=remat, dtype=dtype,
+                    rngs=rngs)
   raise ValueError(f"model.name={name!r} is not a known network; use one of "
                    f"{', '.join(NAMES)}.")
 

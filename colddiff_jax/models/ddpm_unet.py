@@ -26,6 +26,7 @@ key; without one the network is deterministic (the official eval() mode).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -196,8 +197,9 @@ class DDPMUnet(nnx.Module):
                ch_mult: Sequence[int] = (1, 2, 4, 8),
                num_res_blocks: int, attn_resolutions: Sequence[int],
                dropout: float = 0.0, resamp_with_conv: bool = True,
-               in_channels: int, resolution: int, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               in_channels: int, resolution: int, remat: bool = False,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     """Builds the network (argument names as in the official `Model`).
 
     Args:
@@ -212,6 +214,9 @@ class DDPMUnet(nnx.Module):
       resamp_with_conv: convolutions in the down/upsamplers.
       in_channels: input channels.
       resolution: input side; the official network asserts H == W == it.
+      remat: recompute each block's activations in the backward pass
+        instead of storing them (`layers.call`); same function and
+        gradients, less memory, up to ~1.3x the training step's time.
       dtype: compute dtype; the output is float32.
       param_dtype: parameter storage dtype.
       rngs: PRNG streams for initialisation (`params`).
@@ -221,6 +226,7 @@ class DDPMUnet(nnx.Module):
     self.num_res_blocks = num_res_blocks
     self.resolution = resolution
     self.dtype = dtype
+    self.remat = remat
     temb_ch = 4 * ch
     n = len(ch_mult)
     self.num_resolutions = n
@@ -310,8 +316,10 @@ class DDPMUnet(nnx.Module):
     keys = iter(jax.random.split(dropout_rng, self._num_res_blocks_total())
                 if dropout_rng is not None else [])
 
+    run = functools.partial(layers.call, remat=self.remat)
+
     def block(b, h):
-      return b(h, temb, next(keys, None))
+      return run(b, h, temb, next(keys, None))
 
     temb = self.time_embedding(t)
     hs = [self.conv_in(x.astype(self.dtype))]
@@ -319,13 +327,13 @@ class DDPMUnet(nnx.Module):
       for i_block in range(self.num_res_blocks):
         h = block(level.block[i_block], hs[-1])
         if len(level.attn):
-          h = level.attn[i_block](h)
+          h = run(level.attn[i_block], h)
         hs.append(h)
       if level.downsample is not None:
         hs.append(level.downsample(hs[-1]))
     h = hs[-1]
     h = block(self.mid_block_1, h)
-    h = self.mid_attn_1(h)
+    h = run(self.mid_attn_1, h)
     h = block(self.mid_block_2, h)
     for i_level in reversed(range(self.num_resolutions)):
       level = self.up[i_level]
@@ -333,7 +341,7 @@ class DDPMUnet(nnx.Module):
         h = block(level.block[i_block],
                   jnp.concatenate([h, hs.pop()], axis=-1))
         if len(level.attn):
-          h = level.attn[i_block](h)
+          h = run(level.attn[i_block], h)
       if level.upsample is not None:
         h = level.upsample(h)
     h = self.conv_out(swish(self.norm_out(h)))

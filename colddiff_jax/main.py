@@ -17,6 +17,7 @@ variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or by
 COLDDIFF_MULTIHOST=1 (TPU pods, where JAX finds the peers itself).
 """
 
+import collections
 import os
 import sys
 
@@ -73,6 +74,62 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _use_compilation_cache(path: str) -> str | None:
+  """Points JAX's persistent compilation cache at `path` (config.compilation_cache).
+
+  Runs before anything compiles: JAX decides once per process whether to use
+  the cache. A cache folder already set (JAX_COMPILATION_CACHE_DIR) wins.
+
+  Returns:
+    The folder in use, or None: turned off ('') or not writable (a warning;
+    the run then compiles as usual).
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if not path:
+    return None
+  if "://" not in path:  # local folders; gs:// and the like JAX opens itself
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+      os.makedirs(path, exist_ok=True)
+      problem = None if os.access(path, os.W_OK) else "is not writable"
+    except OSError as e:
+      problem = f"cannot be created ({e})"
+    if problem:
+      logging.warning("config.compilation_cache=%r %s; compiling without a "
+                      "cache. Point it at a writable folder, or set it to '' "
+                      "to turn it off.", path, problem)
+      return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+class _CacheCounter:
+  """Counts JAX's compilation-cache events (jax.monitoring) for a summary."""
+
+  def __init__(self):
+    self.events = collections.Counter()
+    self.saved_s = 0.0
+    jax.monitoring.register_event_listener(self._event)
+    jax.monitoring.register_event_duration_secs_listener(self._duration)
+
+  def _event(self, event, **kwargs):
+    del kwargs
+    if event.startswith("/jax/compilation_cache/"):
+      self.events[event.rsplit("/", 1)[-1]] += 1
+
+  def _duration(self, event, duration_secs, **kwargs):
+    del kwargs
+    if event.endswith("/compile_time_saved_sec"):
+      self.saved_s += duration_secs
+
+  def summary(self, path: str) -> str:
+    return (f"XLA compilation cache {path}: {self.events['cache_hits']} of "
+            f"{self.events['compile_requests_use_cache']} programs loaded from "
+            f"it ({max(self.saved_s, 0.0):.0f} s of compiling saved).")
+
+
 class _QuietLibraries(logging.logging.Filter):
   """Drops INFO lines of orbax's checkpoint internals (dozens per save)."""
 
@@ -91,9 +148,20 @@ def main(argv):
   _initialize_distributed()
   config = FLAGS.config
   workdir = FLAGS.workdir or config.workdir
+  cache = _use_compilation_cache(config.compilation_cache)
+  counter = _CacheCounter() if cache else None
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
+  try:
+    _run_mode(config, workdir)
+  finally:
+    if counter:
+      logging.info(counter.summary(cache))
+
+
+def _run_mode(config, workdir) -> None:
+  """Runs --mode on the config and workdir."""
   # Imported late so `--help` and flag errors stay fast.
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":

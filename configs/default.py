@@ -48,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Default --workdir: checkpoints, logs, samples, metrics.
   config.workdir = "runs/default"
+  # JAX's persistent compilation cache: a folder (or a gs:// path on a pod)
+  # where the CLI stores compiled programs, so that a resumed or restarted
+  # run and --mode=evaluate/sample/generate/restore after training load them
+  # instead of compiling again (XLA:CPU takes 30-50 s per full-size train
+  # step). Shared by every run; '' turns it off. JAX_COMPILATION_CACHE_DIR,
+  # when set, takes precedence.
+  config.compilation_cache = "~/.cache/colddiff_jax/xla"
 
   # ---------------------------------------------------------------- data ----
   config.data = data = ml_collections.ConfigDict()

@@ -129,11 +129,12 @@ def test_every_table_row_has_a_config_file():
 
 def test_default_has_every_section():
   config = default.get_config()
-  assert set(config.keys()) == {"seed", "workdir", "data", "degradation",
-                                "model", "optim", "train", "sample", "eval",
-                                "mesh"}
+  assert set(config.keys()) == {"seed", "workdir", "compilation_cache", "data",
+                                "degradation", "model", "optim", "train",
+                                "sample", "eval", "mesh"}
   assert isinstance(config.seed, int)
   assert isinstance(config.workdir, str)
+  assert isinstance(config.compilation_cache, str)
 
 
 def test_default_is_locked_against_new_keys():

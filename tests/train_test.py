@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import sys
 
 import jax
@@ -219,6 +220,31 @@ def test_cli_trains_with_overrides_then_samples(tmp_path):
              f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sample_00000003.png" in os.listdir(tmp_path / "samples")
+  # The sampler programs the training run compiled come from the persistent
+  # compilation cache (here the tests' own, JAX_COMPILATION_CACHE_DIR).
+  found = re.search(r"XLA compilation cache \S+: (\d+) of \d+ programs loaded", out.stderr)
+  assert found and int(found.group(1)) >= 1, out.stderr[-3000:]
+
+
+def test_compilation_cache_folder_from_config_env_or_off(tmp_path, caplog):
+  # pylint: disable=protected-access,g-import-not-at-top
+  from colddiff_jax import main
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert main._use_compilation_cache("") is None
+    (tmp_path / "file").write_text("")
+    bad = str(tmp_path / "file" / "xla")
+    assert main._use_compilation_cache(bad) is None
+    assert "config.compilation_cache" in caplog.text and bad in caplog.text
+    assert jax.config.jax_compilation_cache_dir is None
+    folder = str(tmp_path / "cache" / "xla")
+    assert main._use_compilation_cache(folder) == folder
+    assert os.path.isdir(folder) and jax.config.jax_compilation_cache_dir == folder
+    # A folder already set (JAX_COMPILATION_CACHE_DIR) wins over the config.
+    assert main._use_compilation_cache(str(tmp_path / "other")) == folder
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

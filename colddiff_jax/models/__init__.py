@@ -50,9 +50,9 @@ def _positive_int(key: str, value, prefix: str = "model.") -> int:
   return int(value)
 
 
-def _bool(key: str, value) -> bool:
+def _bool(key: str, value, prefix: str = "model.") -> bool:
   if not isinstance(value, bool):
-    raise ValueError(f"model.{key}={value!r} must be True or False.")
+    raise ValueError(f"{prefix}{key}={value!r} must be True or False.")
   return value
 
 
@@ -101,8 +101,7 @@ def build(model_config, channels: int, image_size: int, *, rngs: nnx.Rngs,
     ValueError: naming the offending key when the config is invalid.
   """
   name = _get(model_config, "name")
-  if not isinstance(remat, bool):
-    raise ValueError(f"train.remat={remat!r} must be True or False.")
+  remat = _bool("remat", remat, prefix="train.")
   channels = _positive_int("channels", channels, prefix="data.")
   image_size = _positive_int("image_size", image_size, prefix="data.")
   if name == "unet":

@@ -75,6 +75,31 @@ def check_writable(workdir: str) -> None:
                   f"--workdir") from e
 
 
+def one_replica(state):
+  """`state` with each replicated array cut to its first copy, on one CPU host.
+
+  Every device of a single-process CPU run is the same host memory, so the
+  copies are identical bytes. Orbax would otherwise save replicated arrays
+  "replica-parallel" (each device writes a slice), which on CPU only adds a
+  slicing program per shape: 8.4 s for the first save of the smoke state over
+  8 devices and 2.6 s for later ones, against 1.0 s for the first replica
+  (taking it is a view, not a copy). Restoring uses the template's shardings,
+  so the run gets its replicated arrays back. Accelerators and multi-host runs
+  keep orbax's default.
+  """
+  if jax.process_count() > 1:
+    return state
+
+  def first(x):
+    if (isinstance(x, jax.Array) and x.is_fully_replicated
+        and len(x.sharding.device_set) > 1
+        and all(d.platform == "cpu" for d in x.sharding.device_set)):
+      return x.addressable_shards[0].data
+    return x
+
+  return jax.tree.map(first, state)
+
+
 class Checkpointer:
   """Thin wrapper around `ocp.CheckpointManager` for one run's workdir."""
 
@@ -94,7 +119,7 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict) -> None:
     """Saves asynchronously; call `wait` before exiting the process."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(one_replica(state)),
         data=ocp.args.JsonSave(data_state)), force=True)
 
   def all_steps(self) -> list[int]:

@@ -144,6 +144,27 @@ def _final_params(workdir, config):
   return jax.device_get(state), data_state
 
 
+def test_checkpoint_writes_one_replica_on_cpu_and_restores_replicated(tmp_path):
+  mesh = parallel.make_mesh(None)
+  assert mesh.devices.size == 8
+  state = {"w": jax.device_put(np.arange(6.0).reshape(2, 3), parallel.replicated(mesh)),
+           "x": jax.device_put(np.arange(16.0), parallel.batch_sharding(mesh)),
+           "key": jax.device_put(np.arange(2), jax.devices()[3])}
+  light = checkpointing.one_replica(state)
+  assert light["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # Sharded and single-device arrays are written as they are.
+  assert light["x"] is state["x"] and light["key"] is state["key"]
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(5, state, {"position": 7})
+  ckpt.wait()
+  restored, data_state = ckpt.restore(state)
+  ckpt.close()
+  assert data_state == {"position": 7}
+  for name in state:
+    assert restored[name].sharding == state[name].sharding
+    np.testing.assert_array_equal(restored[name], state[name])
+
+
 def test_train_writes_outputs_and_resumes_exactly(tmp_path):
   resumed_dir, straight_dir = str(tmp_path / "resumed"), str(tmp_path / "straight")
   first = train.train_and_evaluate(tiny_config(num_steps=4), resumed_dir)

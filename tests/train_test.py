@@ -154,15 +154,23 @@ def test_checkpoint_writes_one_replica_on_cpu_and_restores_replicated(tmp_path):
   assert light["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
   # Sharded and single-device arrays are written as they are.
   assert light["x"] is state["x"] and light["key"] is state["key"]
+  expected = jax.device_get(state)
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
   ckpt.save(5, state, {"position": 7})
+  # Like the train step, overwrite the donated state while the save runs on:
+  # the checkpoint keeps the values it was given (JAX does not donate buffers
+  # the save still reads; it writes the results elsewhere).
+  overwrite = jax.jit(lambda tree: jax.tree.map(lambda v: v * 0 + 99, tree),
+                      donate_argnums=0)
+  given = {"w": state["w"], "x": state["x"]}
+  state = dict(state, **jax.block_until_ready(overwrite(overwrite(given))))
   ckpt.wait()
   restored, data_state = ckpt.restore(state)
   ckpt.close()
   assert data_state == {"position": 7}
   for name in state:
     assert restored[name].sharding == state[name].sharding
-    np.testing.assert_array_equal(restored[name], state[name])
+    np.testing.assert_array_equal(restored[name], expected[name])
 
 
 def test_train_writes_outputs_and_resumes_exactly(tmp_path):

@@ -89,7 +89,8 @@ def _use_compilation_cache(path: str) -> str | None:
     return current
   if not path:
     return None
-  if "://" not in path:  # local folders; gs:// and the like JAX opens itself
+  from colddiff_jax import paths  # pylint: disable=g-import-not-at-top
+  if not paths.is_remote(path):  # gs:// and the like JAX opens itself
     path = os.path.abspath(os.path.expanduser(path))
     try:
       os.makedirs(path, exist_ok=True)

@@ -7,6 +7,9 @@ import json
 import os
 import pathlib
 import platform
+import statistics
+import time
+from typing import Sequence
 
 import jax
 
@@ -31,6 +34,41 @@ def environment() -> dict:
       "python": platform.python_version(),
       "machine": platform.machine(),
   }
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's flop count of a compiled executable (None if not reported)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # backend without it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  flops = float(analysis["flops"])
+  return flops if flops > 0 else None
+
+
+def time_compiled(compiled, args_: Sequence, repeats: int,
+                  donate_first: bool = False) -> dict:
+  """Warm-up, then `repeats` timed runs: medians of wall and CPU time.
+
+  With `donate_first`, each call gets the first output of the previous one as
+  its first argument (a donated train state).
+  """
+  args_ = list(args_)
+  out = jax.block_until_ready(compiled(*args_))
+  walls, cpus = [], []
+  for _ in range(repeats):
+    if donate_first:
+      args_[0] = out[0]
+    start, cpu = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(compiled(*args_))
+    walls.append(time.perf_counter() - start)
+    cpus.append(time.process_time() - cpu)
+  return {"median_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+          "times_s": walls, "runs": repeats, "out": out}
 
 
 def fmt(value, spec: str) -> str:

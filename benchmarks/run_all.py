@@ -18,6 +18,13 @@ Sections (each one `--sections` name):
            utilisation against the peak below, XLA's scratch memory
            (xla_temp_mib). On a GPU in float32 and bfloat16 (--dtypes);
            with --remat each case again with rematerialised blocks.
+* convs    the convolution floor of each train case (benchmarks/conv_floor.py,
+           first dtype, without remat, on one device): every convolution
+           the step runs - forward, input and kernel gradients - compiled and
+           timed alone at its shapes, summed with its count. images / floor
+           is the most img/s the step could reach if everything else were
+           free; the table gives it below the step's row, as a ratio to the
+           official figure.
 * sample   Algorithm 2 (`sampling.sample`, method 'tacos': one `lax.scan`
            in one jit) with a randomly initialised network: MNIST T=20 batch
            64, CIFAR-10 T=50 batch 64, CelebA-128 T=200 batch 4. A full run
@@ -67,11 +74,10 @@ import importlib
 import math
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +85,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
+from benchmarks import conv_floor
 from benchmarks import degradations as deg_bench
 from benchmarks import train_step
 from colddiff_jax import degradations
@@ -89,7 +96,7 @@ from colddiff_jax.models import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("train", "sample", "degrade", "input")
+SECTIONS = ("train", "convs", "sample", "degrade", "input")
 TRAIN_CASES = ("mnist_blur", "cifar10_blur", "celeba_blur")
 # The issue's targets, as multiples of the official figure.
 TRAIN_TARGET, SAMPLE_TARGET, DEGRADE_TARGET = 1.2, 2.0, 20.0
@@ -189,34 +196,6 @@ def _utilisation(flops, seconds, peak: dict):
   return flops / seconds / peak["peak_flops"]
 
 
-# ------------------------------------------------------------------ timing ----
-
-
-def time_compiled(compiled, args_: Sequence, repeats: int,
-                  donate_first: bool = False) -> dict:
-  """Warm-up, then `repeats` timed runs: medians of wall and CPU time.
-
-  With `donate_first`, each call gets the first output of the previous one as
-  its first argument (a donated train state).
-  """
-  args_ = list(args_)
-  out = jax.block_until_ready(compiled(*args_))
-  walls, cpus = [], []
-  for _ in range(repeats):
-    if donate_first:
-      args_[0] = out[0]
-    start, cpu = time.perf_counter(), time.process_time()
-    out = jax.block_until_ready(compiled(*args_))
-    walls.append(time.perf_counter() - start)
-    cpus.append(time.process_time() - cpu)
-  return {"median_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-          "times_s": walls, "runs": repeats, "out": out}
-
-
-def _flops(compiled) -> float | None:
-  return train_step._flops(compiled)  # pylint: disable=protected-access
-
-
 # ------------------------------------------------------------------- train ----
 
 
@@ -297,13 +276,14 @@ def run_sample(args: argparse.Namespace) -> list[dict]:
     start = time.perf_counter()
     compiled = jax.jit(run).lower(params, x_t, aux).compile()
     compile_s = time.perf_counter() - start
-    timing = time_compiled(compiled, (params, x_t, aux), args.repeats)
+    timing = common.time_compiled(compiled, (params, x_t, aux),
+                                  args.repeats)
     out = np.asarray(timing.pop("out"))
     if not np.all(np.isfinite(out)):
       raise FloatingPointError(f"sampler {name}: non-finite output.")
     per_step = timing["median_s"] / k
     total = per_step * t_total
-    flops_step = _flops(compiled)  # XLA counts the loop body once
+    flops_step = common.xla_flops(compiled)  # XLA counts the loop body once
     peak = peak_for(config.train.dtype, args)
     official = None if args.quick else case.official_s
     rows.append({
@@ -392,6 +372,27 @@ def run_input(args: argparse.Namespace, train_rows: list[dict]) -> list[dict]:
   return rows
 
 
+# ------------------------------------------------------------------- convs ----
+
+
+def run_convs(args: argparse.Namespace) -> list[dict]:
+  """The convolution floor of each train case (benchmarks/conv_floor.py):
+  its convolutions timed alone, and the img/s they would allow."""
+  targs = train_step.parse_args(
+      (["--quick"] if args.quick else [])
+      + ["--dtype", args.dtypes[0], "--repeats", str(args.repeats),
+         "--seed", str(args.seed), "--mesh-data", "1"])
+  rows = []
+  for name in args.train_cases:
+    print(f"  convolutions of train {name} ...", flush=True)
+    row = conv_floor.train_step_floor(name, targs)
+    print(f"    {row['executions']} ({row['distinct']} distinct): "
+          f"{row['floor_s']:.2f} s per step -> at most "
+          f"{row['bound_img_per_s']:.2f} img/s", flush=True)
+    rows.append(row)
+  return rows
+
+
 # ------------------------------------------------------------------- table ----
 
 
@@ -399,9 +400,27 @@ def _x(value) -> str:
   return "-" if value is None else f"{value:.2f}x"
 
 
+def _conv_line(r: dict) -> dict:
+  """The summary line of a convolution-floor row (run_convs)."""
+  top = r["convs"][0]
+  return {
+      "workload": f"  its convolutions alone: {r['case']} {r['batch']}x"
+                  f"{r['grad_accum']} {r['dtype']}"
+                  + (" remat" if r["remat"] else ""),
+      "ours": f"{r['bound_img_per_s']:.2f} img/s",
+      "official": f"{r['official_img_per_s']:g} img/s",
+      "ratio": r["bound_ratio"] if r["comparable"] else None,
+      "target": None,
+      "note": (f"bound: {r['executions']} convolutions ({r['distinct']} "
+               f"distinct) take {r['floor_s']:.2f} s per step timed alone; "
+               f"costliest {1e3 * top['total_s']:.0f} ms: {top['count']} x "
+               f"{top['conv'].split(' pad=')[0]}")}
+
+
 def summary(result: dict) -> list[dict]:
   """One line per workload: ours, official, ratio (higher = faster), target."""
   lines = []
+  floors = list(result["convs"])
   for r in result["train"]:
     lines.append({
         "workload": f"train {r['case']} {r['image_size']}x{r['image_size']}x"
@@ -417,6 +436,13 @@ def summary(result: dict) -> list[dict]:
                  f"{common.fmt(r['peak_memory_mib'], '.0f')} MiB (XLA temp "
                  f"{common.fmt(r.get('xla_temp_mib'), '.0f')} MiB), util "
                  f"{common.fmt(r['utilisation'] and 100 * r['utilisation'], '.1f')}%")})
+    # The floor of this step right below it.
+    key = (r["case"], r["dtype"], bool(r.get("remat")))
+    lines += [_conv_line(f) for f in floors
+              if (f["case"], f["dtype"], f["remat"]) == key]
+    floors = [f for f in floors
+              if (f["case"], f["dtype"], f["remat"]) != key]
+  lines += [_conv_line(f) for f in floors]
   for r in result["sample"]:
     lines.append({
         "workload": f"Algorithm 2 {r['case']} T={r['time_steps']} batch "
@@ -537,14 +563,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "ynn_runs_convolutions": layers.ynn_runs_convolutions(),
             "repeats": args.repeats, "sample_steps": args.sample_steps,
-            "seed": args.seed, "train": [], "sample": [], "degrade": [],
-            "input": []}
+            "seed": args.seed, "train": [], "convs": [], "sample": [],
+            "degrade": [], "input": []}
   # --quick compiles without XLA's slow optimisation passes, as
   # benchmarks/train_step.py does.
   with train_step._fast_compiles(args.quick):  # pylint: disable=protected-access
     if "train" in args.sections:
       print("train step:", flush=True)
       result["train"] = run_train(args)
+    if "convs" in args.sections:
+      print("convolution floor of the train steps:", flush=True)
+      result["convs"] = run_convs(args)
     if "sample" in args.sections:
       print("Algorithm 2:", flush=True)
       result["sample"] = run_sample(args)

@@ -100,7 +100,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -235,20 +235,6 @@ def _fast_compiles(enabled: bool):
     jax.config.update(flag, previous)
 
 
-def _flops(compiled) -> float | None:
-  """XLA's flop count of a compiled executable (None if not reported)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # backend without it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
-    return None
-  flops = float(analysis["flops"])
-  return flops if flops > 0 else None
-
-
 def _temp_bytes(compiled) -> int | None:
   """XLA's scratch memory of a compiled executable (its `memory_analysis`):
   activations, gradients and other intermediates, without the arguments
@@ -262,16 +248,23 @@ def _temp_bytes(compiled) -> int | None:
 # --------------------------------------------------------------- benchmark ----
 
 
-def run_case(name: str, args: argparse.Namespace) -> dict:
-  """Builds, compiles and times one case's train step; a JSON-ready row."""
-  case = CASES[name]
-  config = make_config(case, args)
-  on_cpu = jax.default_backend() == "cpu"
+@dataclasses.dataclass
+class BuiltStep:
+  """A case's train step, unjitted, with a state and a batch on the mesh."""
+  mesh: jax.sharding.Mesh
+  num_steps: int      # T of the degradation
+  num_params: int
+  step: Callable      # train.make_train_step's (state, batch) -> ...
+  state: Any
+  batch: dict
 
-  gc.collect()
-  can_reset = on_cpu and _reset_peak_rss()
-  rss_base = _current_rss_bytes() if can_reset else _max_rss_bytes()
 
+def build_step(config) -> BuiltStep:
+  """The pieces `colddiff_jax.train` builds for `config`, on its mesh.
+
+  The batch holds random images in [-1, 1], split into grad_accum
+  micro-batches and put on the mesh as the training loop does.
+  """
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_global_batch(config.train.batch_size, mesh)
   size, channels = config.data.image_size, config.data.channels
@@ -285,22 +278,45 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
   tx = train.make_optimizer(config.optim)
   state = jax.device_put(train.create_state(config, model, tx),
                          parallel.replicated(mesh))
-  del model
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-
   accum, batch_size = config.optim.grad_accum, config.train.batch_size
-  images = np.random.default_rng(args.seed).uniform(
+  images = np.random.default_rng(config.seed).uniform(
       -1.0, 1.0, (accum * batch_size, size, size, channels)).astype(np.float32)
   batch = train.to_micro_batches({"image": images}, accum)
   batch = {k: parallel.global_batch(v, mesh, batch_axis=1)
            for k, v in batch.items()}
+  return BuiltStep(mesh, deg.num_steps, num_params,
+                   train.make_train_step(config, deg, apply_fn, tx), state,
+                   batch)
 
-  step_fn = train.jit_train_step(
-      train.make_train_step(config, deg, apply_fn, tx), mesh)
+
+def comparable(config, case: Case, args: argparse.Namespace) -> bool:
+  """Full size (not --quick), with the official measurement's batch and
+  grad_accum: the only rows whose ratio to the official figure means
+  anything."""
+  return (not args.quick and config.train.batch_size == case.official_batch
+          and config.optim.grad_accum == case.official_grad_accum)
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict:
+  """Builds, compiles and times one case's train step; a JSON-ready row."""
+  case = CASES[name]
+  config = make_config(case, args)
+  on_cpu = jax.default_backend() == "cpu"
+
+  gc.collect()
+  can_reset = on_cpu and _reset_peak_rss()
+  rss_base = _current_rss_bytes() if can_reset else _max_rss_bytes()
+
+  built = build_step(config)
+  mesh, state, batch = built.mesh, built.state, built.batch
+  size, channels = config.data.image_size, config.data.channels
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  accum, batch_size = config.optim.grad_accum, config.train.batch_size
+  step_fn = train.jit_train_step(built.step, mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  flops = common.xla_flops(compiled)
   temp_bytes = _temp_bytes(compiled)
   compile_peak = (_max_rss_bytes() - rss_base) if on_cpu else None
   if on_cpu:
@@ -346,15 +362,13 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
   if (jax.default_backend() == "gpu" and args.peak_tflops and tflops
       is not None):
     mfu = tflops / args.peak_tflops
-  comparable = (not args.quick and batch_size == case.official_batch
-                and accum == case.official_grad_accum)
   return {
       "case": name,
       "config": case.config,
       "image_size": size,
       "channels": channels,
-      "time_steps": deg.num_steps,
-      "num_params": num_params,
+      "time_steps": built.num_steps,
+      "num_params": built.num_params,
       "dtype": config.train.dtype,
       "remat": config.train.remat,
       "batch": batch_size,
@@ -390,9 +404,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
       "official_img_per_s": case.official_img_s,
       "official_batch": case.official_batch,
       "ratio": img_s / case.official_img_s,
-      # Full size (not --quick), the official measurement's batch and
-      # grad_accum.
-      "comparable": comparable,
+      "comparable": comparable(config, case, args),
   }
 
 

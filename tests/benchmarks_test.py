@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from benchmarks import conv_floor
 from benchmarks import degradations as bench
 from benchmarks import run_all
 from benchmarks import train_step
@@ -135,9 +136,17 @@ def test_run_all_quick_writes_every_section(tmp_path, capsys):
   for r in data["input"]:
     assert r["img_per_s"] > 0
   assert data["input"][0]["train_step_img_per_s"] == train["img_per_s"]
+  (floor,) = data["convs"]  # the float32 step's, below its train row
+  assert floor["case"] == "mnist_blur" and not floor["remat"]
+  assert floor["executions"] >= floor["distinct"] > 0
+  assert floor["floor_s"] == pytest.approx(
+      sum(c["count"] * c["median_s"] for c in floor["convs"]))
+  assert floor["bound_img_per_s"] == pytest.approx(
+      floor["images_per_step"] / floor["floor_s"])
   workloads = [line["workload"] for line in data["summary"]]
-  assert len(workloads) == 6 and workloads[0].startswith("train mnist_blur")
-  assert workloads[1].endswith("remat")
+  assert len(workloads) == 7 and workloads[0].startswith("train mnist_blur")
+  assert workloads[1].startswith("  its convolutions alone: mnist_blur")
+  assert workloads[2].endswith("remat")
   assert all(line["met"] is None for line in data["summary"])  # no targets
   printed = capsys.readouterr().out
   assert "official" in printed and "CPU peak" in printed
@@ -146,7 +155,7 @@ def test_run_all_quick_writes_every_section(tmp_path, capsys):
 def test_run_all_targets_and_peak():
   """The summary compares with the official figures; the CPU peak formula."""
   line = run_all.summary({
-      "train": [], "sample": [], "input": [],
+      "train": [], "convs": [], "sample": [], "input": [],
       "degrade": [{"config": "celeba_blur", "image_size": 128,
                    "time_steps": 200, "batch": 4, "table_ms": 2.0,
                    "official_chain_ms": 1100.0, "speedup_vs_official": 550.0,
@@ -158,3 +167,78 @@ def test_run_all_targets_and_peak():
   gpu = run_all.gpu_peak("NVIDIA H200", "bfloat16", None)
   assert gpu["peak_flops"] == pytest.approx(989.4e12)
   assert run_all.gpu_peak("NVIDIA H200", "float32", 50.0)["peak_flops"] == 50e12
+
+
+def _conv(x, w, stride=1):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO",
+                                                         "NHWC"))
+
+
+def test_conv_floor_counts_forward_and_gradient_convolutions():
+  """The walk finds every convolution autodiff writes, in sub-programs too:
+  two layers' forward passes, both kernel gradients and the input gradient
+  of the second (the data needs none); a scan of 3 runs its body 3 times; of
+  a cond's branches the one with fewer convolutions counts."""
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  w1 = jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32)
+  w2 = jax.ShapeDtypeStruct((3, 3, 4, 5), jnp.float32)
+
+  def loss(w1, w2, x):
+    return jnp.sum(_conv(jax.nn.relu(_conv(x, w1)), w2, stride=2))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  calls = conv_floor.collect(grad, w1, w2, x)
+  assert sum(c.count for c in calls) == 5
+  described = [c.describe() for c in calls]
+  assert "[2, 8, 8, 3] x [3, 3, 3, 4] NHWC,HWIO->NHWC" in described[0]
+  assert "window_strides=(2, 2)" in described[1]
+  assert sum("lhs_dilation=(2, 2)" in d for d in described) == 1  # dL/dx
+
+  def scanned(w1, w2, x):
+    def body(carry, _):
+      return carry, grad(w1, w2, x)
+    return jax.lax.scan(body, 0.0, None, length=3)[1]
+
+  assert sum(c.count for c in conv_floor.collect(scanned, w1, w2, x)) == 15
+
+  def branchy(w1, x, pred):
+    return jax.lax.cond(pred, lambda: _conv(x, w1),
+                        lambda: jnp.zeros((2, 8, 8, 4)))
+
+  assert conv_floor.collect(branchy, w1, x, True) == []
+
+
+def test_conv_floor_times_each_distinct_convolution():
+  x = jnp.ones((2, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 3))
+  twice = lambda x, w: _conv(_conv(x, w), w)  # one shape, run twice
+  result = conv_floor.measure(twice, x, w, repeats=2)
+  assert result["distinct"] == 1 and result["executions"] == 2
+  (row,) = result["convs"]
+  assert row["count"] == 2 and row["total_s"] == 2 * row["median_s"] > 0
+  assert result["seconds"] == row["total_s"]
+  # XLA counts the taps that land on the image: 22 (of 24) per axis, for
+  # 2 images x 3 in x 3 out channels, 2 FLOPs per multiply-add.
+  assert row["flops"] == pytest.approx(2 * (2 * 3 * 3 * 22 * 22))
+  assert result["flops"] == pytest.approx(2 * row["flops"])
+  assert row["gflop_per_s"] == pytest.approx(
+      row["flops"] / row["median_s"] / 1e9)
+
+
+def test_conv_floor_script_quick(tmp_path, capsys):
+  """python -m benchmarks.conv_floor --quick: one case, table and JSON."""
+  out = tmp_path / "conv_floor.json"
+  (row,) = conv_floor.main(["--quick", "--cases", "cifar10_blur",
+                            "--repeats", "1", "--top", "3", "--out",
+                            str(out)])
+  data = json.loads(out.read_text())
+  assert data["benchmark"] == "conv_floor" and data["rows"][0] == row
+  assert row["case"] == "cifar10_blur" and not row["comparable"]
+  printed = capsys.readouterr().out
+  counts = f"{row['executions']} convolutions ({row['distinct']} distinct)"
+  assert counts in printed
+  # The header, then the three costliest convolutions.
+  table = printed.split("take")[1].splitlines()[1:5]
+  assert table[0].split()[:2] == ["total", "ms"]
+  assert all("NHWC" in line or "CHWN" in line for line in table[1:])

@@ -45,6 +45,7 @@ from jax.extend import core as jax_core
 import numpy as np
 
 from benchmarks import common
+from benchmarks import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "conv_floor.json"
@@ -90,9 +91,8 @@ def _layout(spec: Sequence[int], names: str) -> str:
 
 
 def _sub_jaxprs(eqn) -> Iterator[tuple[jax_core.Jaxpr, int]]:
-  """(sub-program, executions per execution of `eqn`) of one equation."""
-  if eqn.primitive.name == "cond":
-    return  # handled by the caller: only one branch runs
+  """(sub-program, executions per execution of `eqn`) of one equation that
+  is not a cond (`_count` takes one branch of those)."""
   times = int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1
   for value in eqn.params.values():
     for v in value if isinstance(value, (tuple, list)) else (value,):
@@ -187,7 +187,6 @@ def train_step_floor(name: str, targs: argparse.Namespace) -> dict:
   row compares images / floor, the most img/s the step could reach with these
   convolutions, with the official img/s.
   """
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   case = train_step.CASES[name]
   config = train_step.make_config(case, targs)
   built = train_step.build_step(config)
@@ -235,7 +234,6 @@ def format_table(rows: list[dict], top: int) -> str:
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace,
                                                     argparse.Namespace]:
   """(this script's arguments, the train_step arguments they imply)."""
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--cases", nargs="+", choices=list(train_step.CASES),
                       default=list(train_step.CASES))

@@ -420,7 +420,7 @@ def _conv_line(r: dict) -> dict:
 def summary(result: dict) -> list[dict]:
   """One line per workload: ours, official, ratio (higher = faster), target."""
   lines = []
-  floors = list(result["convs"])
+  floors = {(f["case"], f["dtype"], f["remat"]): f for f in result["convs"]}
   for r in result["train"]:
     lines.append({
         "workload": f"train {r['case']} {r['image_size']}x{r['image_size']}x"
@@ -437,12 +437,10 @@ def summary(result: dict) -> list[dict]:
                  f"{common.fmt(r.get('xla_temp_mib'), '.0f')} MiB), util "
                  f"{common.fmt(r['utilisation'] and 100 * r['utilisation'], '.1f')}%")})
     # The floor of this step right below it.
-    key = (r["case"], r["dtype"], bool(r.get("remat")))
-    lines += [_conv_line(f) for f in floors
-              if (f["case"], f["dtype"], f["remat"]) == key]
-    floors = [f for f in floors
-              if (f["case"], f["dtype"], f["remat"]) != key]
-  lines += [_conv_line(f) for f in floors]
+    floor = floors.pop((r["case"], r["dtype"], bool(r.get("remat"))), None)
+    if floor:
+      lines.append(_conv_line(floor))
+  lines += [_conv_line(f) for f in floors.values()]
   for r in result["sample"]:
     lines.append({
         "workload": f"Algorithm 2 {r['case']} T={r['time_steps']} batch "

@@ -118,10 +118,26 @@ def test_conv_layer(ynn):
   _assert_same(conv, _x((2, 10, 10, 5)))
 
 
-def test_depthwise_conv_shift_add_and_fft_gradient():
+# FFT lengths: H + 3 x W + 3 = 12 x 14 (the least that is exact, wrapping
+# onto the leading zeros) for (9, 11); (19 -> 20) x 14 for (16, 11).
+@pytest.mark.parametrize("shape", [(2, 9, 11, 6), (2, 16, 11, 6)])
+def test_depthwise_conv_shift_add_and_fft_gradient(shape):
   conv = layers.DepthwiseConv(6, 6, (7, 7), feature_group_count=6,
                               padding="SAME", rngs=nnx.Rngs(2))
-  _assert_same(conv, _x((2, 9, 8, 6)))
+  _assert_same(conv, _x(shape))
+
+
+def test_fft_length_is_the_next_7_smooth_length():
+  lengths = {n: layers.fft_length(n) for n in range(1, 300)}
+  assert [lengths[n] for n in (7, 11, 19, 35, 67, 131)] == [
+      7, 12, 20, 35, 70, 135]
+  for n, m in lengths.items():
+    rest = m
+    for factor in (2, 3, 5, 7):
+      while rest % factor == 0:
+        rest //= factor
+    assert rest == 1 and m >= n
+    assert all(layers.fft_length(k) == m for k in range(n, m + 1))
 
 
 def test_conv_transpose_by_phases():

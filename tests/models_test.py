@@ -11,6 +11,7 @@ import collections
 import functools
 import importlib
 import io
+import math
 import pickle
 import zipfile
 
@@ -25,6 +26,7 @@ from colddiff_jax import convert
 from colddiff_jax import models
 from colddiff_jax.models import DDPMUnet
 from colddiff_jax.models import Unet
+from colddiff_jax.models.unet import gelu
 from colddiff_jax.models.unet import sinusoidal_embedding
 from colddiff_jax.models.unet import torch_uniform
 from conftest import FIXTURES
@@ -268,6 +270,27 @@ def test_unet_residual_adds_the_input_and_no_time_ignores_t():
   untimed = tiny(with_time_emb=False)
   np.testing.assert_array_equal(np.asarray(untimed(x, t0)),
                                 np.asarray(untimed(x, t1)))
+
+
+def test_gelu_is_the_exact_gelu_with_its_gradient():
+  # The networks' erf form against jax.nn.gelu's erfc form and the float64
+  # definition x Phi(x), values and derivative Phi(x) + x phi(x), including
+  # the tails where 1 + erf cancels.
+  x = np.concatenate([np.linspace(-12, 12, 4001),
+                      np.random.default_rng(0).normal(0, 3, 4000)])
+  x = x.astype(np.float32)
+  x64 = x.astype(np.float64)
+  phi = np.exp(-0.5 * x64 ** 2) / np.sqrt(2 * np.pi)
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(x64 / np.sqrt(2)))
+  got = np.asarray(jax.jit(gelu)(x))
+  np.testing.assert_allclose(got, x64 * cdf, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(
+      got, np.asarray(jax.nn.gelu(x, approximate=False)), rtol=2e-6,
+      atol=2e-6)
+  grad = np.asarray(jax.jit(jax.vmap(jax.grad(gelu)))(x))
+  np.testing.assert_allclose(grad, cdf + x64 * phi, rtol=2e-6, atol=2e-6)
+  half = gelu(jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
 
 
 def test_init_is_pytorch_uniform_and_the_same_eagerly_and_jitted():

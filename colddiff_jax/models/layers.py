@@ -408,6 +408,26 @@ def _shift_correlate(x: jax.Array, w: jax.Array) -> jax.Array:
   return out
 
 
+def fft_length(n: int) -> int:
+  """The smallest length >= n whose prime factors are all 2, 3, 5 or 7.
+
+  XLA:CPU's FFTs are fastest at such lengths and slow down at large prime
+  factors. The depthwise 7x7 kernel gradient (batch 32, 64 channels) took
+  19.7 ms at 32x32 with length 35 against 48.8 ms with 38 = 2 x 19; at
+  128x128 (batch 8) 130 ms with 135 against 204 ms with 134 = 2 x 67, and at
+  64x64 72-78 ms with 68 or 70 against 123 ms with 67.
+  """
+  def smooth(m: int) -> bool:
+    for factor in (2, 3, 5, 7):
+      while m % factor == 0:
+        m //= factor
+    return m == 1
+
+  while not smooth(n):
+    n += 1
+  return n
+
+
 @jax.custom_vjp
 def depthwise_same(x: jax.Array, w: jax.Array) -> jax.Array:
   """Depthwise 'same' cross-correlation (odd square kernel w [k,k,C], zero pad)."""
@@ -425,9 +445,13 @@ def _depthwise_bwd(res, g):
   # dL/dx: correlate the cotangent with the kernel flipped in both axes.
   gx = _shift_correlate(g, w[::-1, ::-1])
   # dL/dw[i, j, c] = sum_{b,h,w} xpad[b, h+i, w+j, c] * g[b, h, w, c]: a
-  # cross-correlation over space summed over the batch, done with FFTs.
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).astype(jnp.float32)
-  size = (xp.shape[1], xp.shape[2])
+  # cross-correlation over space summed over the batch, done with FFTs. Any
+  # length L >= H + p gives the lags 0..k-1 exactly: with the p zeros in
+  # front of x, an index h + i >= L wraps onto one of them.
+  size = tuple(fft_length(n + p) for n in x.shape[1:3])
+  xp = jnp.pad(x.astype(jnp.float32),
+               ((0, 0), (p, size[0] - x.shape[1] - p),
+                (p, size[1] - x.shape[2] - p), (0, 0)))
   gp = jnp.pad(g.astype(jnp.float32),
                ((0, 0), (0, size[0] - g.shape[1]), (0, size[1] - g.shape[2]),
                 (0, 0)))

@@ -41,6 +41,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -154,8 +155,16 @@ def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, PyTorch's `nn.GELU()` default."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, PyTorch's `nn.GELU()` default: x (1 + erf(x / sqrt 2)) / 2.
+
+  Written with erf, as PyTorch's kernels write it, not through
+  `jax.nn.gelu(approximate=False)`: that one takes erfc, whose XLA expansion
+  (two polynomials and selects) made the forward pass 1.5x and forward plus
+  backward 1.3-2x slower at the networks' shapes on CPU. Equal to it within
+  ~1e-6.
+  """
+  half = jnp.asarray(0.5, x.dtype)
+  return half * x * (1 + lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 
 # ------------------------------------------------------------------ layers --

@@ -92,6 +92,7 @@ from colddiff_jax import degradations
 from colddiff_jax import models
 from colddiff_jax import sampling
 from colddiff_jax import train
+from colddiff_jax import xla_cpu
 from colddiff_jax.models import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -531,7 +532,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="JSON path (default benchmarks/results/"
                       "<backend>[-quick].json).")
+  parser.add_argument("--reuse-freed-memory", action="store_true",
+                      help="apply the CLI's config.reuse_freed_memory (one "
+                      "malloc arena, no mmap; xla_cpu.reuse_freed_memory) "
+                      "before the backend starts.")
   args = parser.parse_args(argv)
+  args.malloc = "default"
+  if args.reuse_freed_memory:  # before jax.default_backend() starts JAX
+    skipped = xla_cpu.reuse_freed_memory()
+    args.malloc = f"default ({skipped})" if skipped else "reuse freed memory"
   on_cpu = jax.default_backend() == "cpu"
   if args.repeats is None:
     args.repeats = 2 if args.quick else 5
@@ -554,11 +563,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"jax {env['jax_version']} | backend {env['backend']} | "
         f"{env['device_kind']} x{env['device_count']} | {env['cpu_count']} "
         f"CPUs | load {common.fmt(env['load_average'] and env['load_average'][0], '.2f')}"
-        f" | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-        + (" | QUICK" if args.quick else ""), flush=True)
+        f" | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | malloc "
+        f"{args.malloc}" + (" | QUICK" if args.quick else ""), flush=True)
   start = time.perf_counter()
   result = {"benchmark": "run_all", **env, "quick": args.quick,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "malloc": args.malloc,
             "ynn_runs_convolutions": layers.ynn_runs_convolutions(),
             "repeats": args.repeats, "sample_steps": args.sample_steps,
             "seed": args.seed, "train": [], "convs": [], "sample": [],

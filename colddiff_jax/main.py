@@ -33,6 +33,8 @@ from absl import logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from colddiff_jax import xla_cpu  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<name>.py[:variant]).",
@@ -146,8 +148,13 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   if FLAGS.mode == "restore" and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--mode=restore needs --input=FILE_OR_DIR and --output=DIR.")
-  _initialize_distributed()
   config = FLAGS.config
+  if config.reuse_freed_memory:  # before anything starts JAX's backend
+    skipped = xla_cpu.reuse_freed_memory()
+    logging.info("config.reuse_freed_memory: %s.",
+                 f"not applied ({skipped})" if skipped else
+                 "malloc keeps freed memory for reuse (one arena, no mmap)")
+  _initialize_distributed()
   workdir = FLAGS.workdir or config.workdir
   cache = _use_compilation_cache(config.compilation_cache)
   counter = _CacheCounter() if cache else None

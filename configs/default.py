@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   # step). Shared by every run; '' turns it off. JAX_COMPILATION_CACHE_DIR,
   # when set, takes precedence.
   config.compilation_cache = "~/.cache/colddiff_jax/xla"
+  # CPU backend with glibc: keep freed memory in one malloc arena and reuse it
+  # instead of page-faulting each step's scratch memory in afresh (the
+  # full-size CelebA-128 step ~12 % faster; compiles ~25 % slower, small
+  # networks slower). Applied by the CLI before JAX starts
+  # (colddiff_jax.xla_cpu.reuse_freed_memory); no effect on GPU/TPU.
+  config.reuse_freed_memory = True
 
   # ---------------------------------------------------------------- data ----
   config.data = data = ml_collections.ConfigDict()
@@ -372,5 +378,6 @@ def apply_variant(config: ml_collections.ConfigDict,
   config.eval.batch_size = 8
   config.eval.num_images = 8
   config.data.num_workers = 0  # Worker processes cost more than they save here.
+  config.reuse_freed_memory = False  # Tiny networks: see the key's comment.
   config.workdir = config.workdir + "_smoke"
   return config

@@ -129,9 +129,11 @@ def test_every_table_row_has_a_config_file():
 
 def test_default_has_every_section():
   config = default.get_config()
-  assert set(config.keys()) == {"seed", "workdir", "compilation_cache", "data",
+  assert set(config.keys()) == {"seed", "workdir", "compilation_cache",
+                                "reuse_freed_memory", "data",
                                 "degradation", "model", "optim", "train",
                                 "sample", "eval", "mesh"}
+  assert config.reuse_freed_memory is True
   assert isinstance(config.seed, int)
   assert isinstance(config.workdir, str)
   assert isinstance(config.compilation_cache, str)
@@ -261,6 +263,7 @@ def test_smoke_variant_is_tiny_and_keeps_the_experiment(name):
   assert smoke.eval.num_images == 8
   assert smoke.sample.num_samples == 8
   assert smoke.workdir != full.workdir
+  assert not smoke.reuse_freed_memory
 
 
 def test_apply_variant_passes_none_and_empty_through():

@@ -1,6 +1,8 @@
 """colddiff_jax.xla_cpu.reuse_freed_memory, in fresh processes (malloc
 settings apply to the whole process, and only before JAX's backend starts)."""
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -31,48 +33,36 @@ print(reason, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _probe(mode, code=_PROBE, **env):
-  out = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       env={**_env(), **env})
+def _python(code, *args, **env):
+  """Runs `python -c code args` from the repository root in a fresh process
+  (JAX_PLATFORMS unset unless given); returns its stdout."""
+  env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+         "PYTHONPATH": str(REPO), **env}
+  out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  return out.stdout.split()
+  return out.stdout
 
 
-def _env():
-  import os  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ)
-  env.pop("JAX_PLATFORMS", None)
-  env["PYTHONPATH"] = str(REPO)
-  return env
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"),
-                    reason="glibc malloc settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc settings")
 def test_reuse_freed_memory_reuses_pages_instead_of_faulting():
-  reason, faults = _probe("reuse")
+  reason, faults = _python(_PROBE, "reuse").split()
   assert reason == "None"
   # 256 MiB are 65536 pages of 4 KiB: faulted in again without the setting,
   # taken from the kept heap with it.
   assert int(faults) < 1000
-  reason, faults = _probe("off")
+  reason, faults = _python(_PROBE, "off").split()
   assert int(faults) > 30000
 
 
 def test_reuse_freed_memory_only_before_the_backend_and_only_for_cpu():
-  started = ("import jax; jax.devices()\n"
-             "from colddiff_jax import xla_cpu\n"
-             "print(repr(xla_cpu.reuse_freed_memory()))")
-  out = subprocess.run([sys.executable, "-c", started], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       env=_env())
-  assert "JAX's backend has already started" in out.stdout, out.stderr
-  accelerator = ("from colddiff_jax import xla_cpu\n"
-                 "print(repr(xla_cpu.reuse_freed_memory()))")
-  out = subprocess.run([sys.executable, "-c", accelerator], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       env={**_env(), "JAX_PLATFORMS": "cuda"})
-  assert "an accelerator backend is installed" in out.stdout, out.stderr
+  call = ("from colddiff_jax import xla_cpu\n"
+          "print(repr(xla_cpu.reuse_freed_memory()))")
+  started = _python("import jax; jax.devices()\n" + call)
+  assert "JAX's backend has already started" in started
+  accelerator = _python(call, JAX_PLATFORMS="cuda")
+  assert "an accelerator backend is installed" in accelerator
 
 
 def test_cli_applies_it_first_when_the_config_asks():
@@ -82,7 +72,7 @@ def test_cli_applies_it_first_when_the_config_asks():
                 timeout=300)
   assert out.returncode != 0 and "train.loss='l3'" in out.stderr
   applied = ("config.reuse_freed_memory: malloc keeps freed memory for reuse"
-             if sys.platform.startswith("linux") else
+             if platform.libc_ver()[0] == "glibc" else
              "config.reuse_freed_memory: not applied")
   assert applied in out.stderr, out.stderr[-3000:]
   out = run_cli("--config=configs/quickstart.py:smoke", "--config.train.loss=l3",

@@ -74,9 +74,11 @@ def reuse_freed_memory() -> str | None:
   `mmap` and no trimming (`mallopt`, the run-time form of MALLOC_ARENA_MAX=1
   MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_) make the steps reuse the same
   pages: the CelebA-128 step took 12.4 instead of 14.0 s, the MNIST step
-  ~3 % less. Costs: compiling takes ~25 % longer and small networks train
-  slower (the quickstart 10-30 %: its threads contend for the one arena),
-  and memory freed by the process stays with it.
+  ~3 % less (a 2-core AMD EPYC). Costs: compiling takes ~25 % longer, small
+  networks train slower (the quickstart 10-30 %: its threads contend for the
+  one arena), and memory freed by the process stays with it. On a 2-core
+  Intel Xeon (AVX-512) all three full-size train steps ran 13-27 % slower
+  with it, so it is an option (off by default), not a rule.
 
   Only threads that allocate after the call use the one arena, so it must
   run before JAX's backend starts (the CLI calls it first thing when

@@ -56,11 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
   # when set, takes precedence.
   config.compilation_cache = "~/.cache/colddiff_jax/xla"
   # CPU backend with glibc: keep freed memory in one malloc arena and reuse it
-  # instead of page-faulting each step's scratch memory in afresh (the
-  # full-size CelebA-128 step ~12 % faster; compiles ~25 % slower, small
-  # networks slower). Applied by the CLI before JAX starts
-  # (colddiff_jax.xla_cpu.reuse_freed_memory); no effect on GPU/TPU.
-  config.reuse_freed_memory = True
+  # instead of page-faulting each step's scratch memory in afresh. Off by
+  # default: it depends on the machine (on a 2-core AMD EPYC the CelebA-128
+  # step ran 24 % faster, on a 2-core Intel Xeon all three full-size steps
+  # 13-27 % slower; compiles ~25 % slower everywhere). Applied by the CLI
+  # before JAX starts (colddiff_jax.xla_cpu.reuse_freed_memory); no effect on
+  # GPU/TPU. `python -m benchmarks.run_all --sections train
+  # --reuse-freed-memory` measures it on your machine.
+  config.reuse_freed_memory = False
 
   # ---------------------------------------------------------------- data ----
   config.data = data = ml_collections.ConfigDict()
@@ -378,6 +381,5 @@ def apply_variant(config: ml_collections.ConfigDict,
   config.eval.batch_size = 8
   config.eval.num_images = 8
   config.data.num_workers = 0  # Worker processes cost more than they save here.
-  config.reuse_freed_memory = False  # Tiny networks: see the key's comment.
   config.workdir = config.workdir + "_smoke"
   return config

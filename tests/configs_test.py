@@ -133,7 +133,7 @@ def test_default_has_every_section():
                                 "reuse_freed_memory", "data",
                                 "degradation", "model", "optim", "train",
                                 "sample", "eval", "mesh"}
-  assert config.reuse_freed_memory is True
+  assert config.reuse_freed_memory is False
   assert isinstance(config.seed, int)
   assert isinstance(config.workdir, str)
   assert isinstance(config.compilation_cache, str)

@@ -184,12 +184,15 @@ def test_whole_network_equals_the_plain_layers():
   _assert_same(unet, x, call=lambda m, v: m(v, t))
 
 
-@pytest.mark.parametrize("groups,axes", [(2, (1, 2, 4)), (1, (4,))],
-                         ids=["group_norm", "channel_layer_norm"])
-def test_affine_norm_gradient(groups, axes):
-  x = _x((2, 5, 6, 8)) * 3.0 + 0.5
-  scale, bias = _x((8,), seed=1), _x((8,), seed=2)
-  r = _x((2, 5, 6, 8), seed=3)
+@pytest.mark.parametrize("groups,axes,shape", [
+    (2, (1, 2, 4), (2, 5, 6, 8)), (4, (1, 2, 4), (2, 8, 8, 8)),
+    (1, (1, 2, 4), (2, 8, 8, 8)), (1, (4,), (2, 5, 6, 8))],
+    ids=["group_norm", "group_norm_blocked_sums", "one_group",
+         "channel_layer_norm"])
+def test_affine_norm_gradient(groups, axes, shape):
+  x = _x(shape) * 3.0 + 0.5
+  scale, bias = _x(shape[-1:], seed=1), _x(shape[-1:], seed=2)
+  r = _x(shape, seed=3)
 
   def plain(x, scale, bias):
     return layers._normalize(x, scale, bias, groups, 1e-5, axes)[0]  # pylint: disable=protected-access
@@ -219,4 +222,19 @@ def test_bias_add_and_sum_leading():
   gy, gb = vjp(g)
   np.testing.assert_array_equal(np.asarray(gy), np.asarray(g))
   np.testing.assert_allclose(np.asarray(gb), np.asarray(g.sum((0, 1, 2))),
+                             **TOL)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 5, 3, 4)],
+                         ids=["blocked", "rows_not_a_multiple_of_32"])
+def test_sum_spatial_and_add_per_sample(shape):
+  g = _x(shape)
+  np.testing.assert_allclose(np.asarray(jax.jit(layers.sum_spatial)(g)),
+                             np.asarray(g.sum((1, 2))), **TOL)
+  v = _x((shape[0], shape[-1]), seed=1)
+  y, vjp = jax.vjp(jax.jit(layers.add_per_sample), g, v)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(g + v[:, None, None]))
+  gy, gv = vjp(g * 2.0)
+  np.testing.assert_array_equal(np.asarray(gy), np.asarray(g * 2.0))
+  np.testing.assert_allclose(np.asarray(gv), np.asarray(2.0 * g.sum((1, 2))),
                              **TOL)

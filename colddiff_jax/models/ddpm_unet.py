@@ -71,7 +71,7 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return layers.normalize(x, self.scale[...], self.bias[...], self.groups,
-                            self.eps, (1, 2, 4), self.dtype)
+                            self.eps, layers.GROUP_NORM_AXES, self.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -96,7 +96,7 @@ class ResnetBlock(nnx.Module):
   def __call__(self, x: jax.Array, temb: jax.Array,
                rng: jax.Array | None) -> jax.Array:
     h = self.conv1(swish(self.norm1(x)))
-    h = h + self.temb_proj(swish(temb))[:, None, None, :]
+    h = layers.add_per_sample(h, self.temb_proj(swish(temb)))
     h = self.conv2(dropout(swish(self.norm2(h)), self.dropout, rng))
     if self.nin_shortcut is not None:
       x = self.nin_shortcut(x)

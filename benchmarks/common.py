@@ -13,6 +13,28 @@ from typing import Sequence
 
 import jax
 
+from colddiff_jax import xla_cpu
+
+#: The flag with which a benchmark script keeps malloc's default pages.
+NO_HUGE_PAGES = "--no-huge-pages"
+
+
+def add_huge_pages_flag(parser) -> None:
+  """Adds NO_HUGE_PAGES to a benchmark script's argparse parser."""
+  parser.add_argument(
+      NO_HUGE_PAGES, action="store_true",
+      help="keep malloc's default 4 KiB pages. Otherwise the script first "
+      "restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as the CLI "
+      "does (config.transparent_huge_pages), where that changes anything.")
+
+
+def start(argv: Sequence[str]) -> None:
+  """First thing a benchmark script does as a program: measure what the CLI
+  runs, so restart with transparent huge pages (xla_cpu) unless argv has
+  NO_HUGE_PAGES. Not called when a test imports the script."""
+  if NO_HUGE_PAGES not in argv:
+    xla_cpu.restart_with_huge_pages()
+
 
 def environment() -> dict:
   """JAX version, backend, device, CPU count, load and date of this run."""
@@ -33,6 +55,8 @@ def environment() -> dict:
       "load_average": load,
       "python": platform.python_version(),
       "machine": platform.machine(),
+      # glibc.malloc.hugetlb=1 where the script restarted with huge pages.
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 

@@ -26,6 +26,10 @@ the floor is a measured estimate, not a proof. The shapes are the traced,
 global ones: on a mesh of several devices each device runs a slice of each
 batch, so the callers report the floor for one-device programs only.
 
+Like the CLI, the script first restarts itself with malloc asking for
+transparent huge pages (`benchmarks.common.start`); --no-huge-pages keeps
+malloc's defaults.
+
   python -m benchmarks.conv_floor                      # the three train steps
   python -m benchmarks.conv_floor --cases mnist_blur --top 20
 """
@@ -245,6 +249,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace,
                       help="costliest convolutions listed per case.")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+  common.add_huge_pages_flag(parser)
   args = parser.parse_args(argv)
   targs = train_step.parse_args(
       (["--quick"] if args.quick else []) + (["--remat"] if args.remat else [])
@@ -263,4 +268,5 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+  common.start(sys.argv[1:])
   main(sys.argv[1:])

@@ -35,6 +35,10 @@ already compiled, run is its time (runs = 1 in the JSON).
 The issue's target: the table form is at least 20x faster than the chain for
 CelebA 128x128 blur (T = 200, Exponential_reflect, k = 15).
 
+Like the CLI, the script first restarts itself with malloc asking for
+transparent huge pages (`benchmarks.common.start`); --no-huge-pages keeps
+malloc's defaults.
+
 Run (a few minutes on 2 CPU cores, dominated by the 128x128 blur chain):
   python -m benchmarks.degradations
   python -m benchmarks.degradations --quick          # tiny smoke run
@@ -397,6 +401,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs.")
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                       help=f"JSON output path (default {DEFAULT_OUT}).")
+  common.add_huge_pages_flag(parser)
   args = parser.parse_args(argv)
   if args.batch is None:
     args.batch = 4 if args.quick else 64
@@ -455,4 +460,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  common.start(sys.argv[1:])
   main(sys.argv[1:])

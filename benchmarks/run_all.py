@@ -42,6 +42,10 @@ Sections (each one `--sections` name):
            the embedded MNIST digits and a folder of 128x128 JPEGs, beside the
            img/s the train step consumes.
 
+Like the CLI (config.transparent_huge_pages), the script first restarts itself
+with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where the kernel gives transparent
+huge pages on request; --no-huge-pages keeps malloc's defaults.
+
 Timing: every function is compiled ahead of time (not timed), run once as a
 warm-up, then --repeats (default 5) times; the median wall time is reported.
 A row's 'cpu_s' is the CPU time of this process (all threads) over the same
@@ -536,11 +540,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="apply the CLI's config.reuse_freed_memory (one "
                       "malloc arena, no mmap; xla_cpu.reuse_freed_memory) "
                       "before the backend starts.")
+  common.add_huge_pages_flag(parser)
   args = parser.parse_args(argv)
-  args.malloc = "default"
+  # GLIBC_TUNABLES: glibc.malloc.hugetlb=1 after common.start's restart.
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  args.malloc = f"GLIBC_TUNABLES={tunables}" if tunables else "default"
   if args.reuse_freed_memory:  # before jax.default_backend() starts JAX
     skipped = xla_cpu.reuse_freed_memory()
-    args.malloc = f"default ({skipped})" if skipped else "reuse freed memory"
+    args.malloc += f" ({skipped})" if skipped else ", reuse freed memory"
   on_cpu = jax.default_backend() == "cpu"
   if args.repeats is None:
     args.repeats = 2 if args.quick else 5
@@ -622,4 +629,5 @@ def _jsonable(value):
 
 
 if __name__ == "__main__":
+  common.start(sys.argv[1:])
   main(sys.argv[1:])

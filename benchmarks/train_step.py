@@ -71,6 +71,12 @@ on every run and backend; --remat (`train.remat`) is the lever for it.
 and 32x32 CelebA images (T unchanged), batch 16, grad_accum 1, compiled with
 jax_disable_most_optimizations, all configs in about 30 s.
 
+Malloc. Like the CLI (config.transparent_huge_pages), the script first
+restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where the kernel
+gives transparent huge pages on request, and its per-config processes inherit
+that; --no-huge-pages keeps malloc's defaults. The JSON's glibc_tunables says
+which.
+
 Run (about 8 minutes on 2 CPU cores; one CelebA step takes about a minute):
   python -m benchmarks.train_step
   python -m benchmarks.train_step --quick          # tiny smoke run
@@ -532,6 +538,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                       help=f"JSON output path (default {DEFAULT_OUT}).")
   parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+  common.add_huge_pages_flag(parser)
   args = parser.parse_args(argv)
   if args.repeats is None:
     args.repeats = 2 if args.quick else 3
@@ -605,4 +612,6 @@ def _main(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
+  if "--worker-out" not in sys.argv:  # a worker keeps its parent's malloc
+    common.start(sys.argv[1:])
   main(sys.argv[1:])

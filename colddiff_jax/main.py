@@ -149,6 +149,10 @@ def main(argv):
   if FLAGS.mode == "restore" and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--mode=restore needs --input=FILE_OR_DIR and --output=DIR.")
   config = FLAGS.config
+  # Only as the running program (not when imported): it re-executes itself.
+  if config.transparent_huge_pages and __name__ == "__main__":
+    logging.info("config.transparent_huge_pages: %s.",
+                 xla_cpu.restart_with_huge_pages())
   if config.reuse_freed_memory:  # before anything starts JAX's backend
     skipped = xla_cpu.reuse_freed_memory()
     logging.info("config.reuse_freed_memory: %s.",

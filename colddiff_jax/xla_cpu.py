@@ -3,8 +3,10 @@
 Imported by the package's `__init__`, so any `import colddiff_jax...` (the
 CLI, the tests, the benchmarks, a notebook) applies them before the first JAX
 computation. No JAX import at import time: the settings are environment variables
-that the backend reads once, at start-up. `reuse_freed_memory` (malloc
-settings, which must precede the backend's threads) is called by the CLI.
+that the backend reads once, at start-up. Two malloc settings are applied by
+the CLI and the benchmark scripts instead: `restart_with_huge_pages` (glibc
+reads its tunables only when a process starts, so the program re-executes
+itself) and `reuse_freed_memory` (which must precede the backend's threads).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.util
 import os
 import platform
 import sys
+from typing import Mapping
 
 #: The XLA:CPU flag that routes convolutions and matmuls to YNNPACK (its
 #: default) or, empty, to XLA's Eigen kernels.
@@ -47,14 +50,14 @@ def prefer_eigen_on_cpu() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
-def accelerator_plugin_installed() -> bool:
+def accelerator_plugin_installed(environ: Mapping[str, str] | None = None) -> bool:
   """Whether JAX will likely start a GPU/TPU backend, judged without starting one.
 
-  JAX_PLATFORMS decides when set; otherwise an installed PJRT plugin (the
-  `jax_plugins` entry points or namespace package of jax[cuda*] / jax[rocm])
-  or libtpu means an accelerator.
+  JAX_PLATFORMS (in `environ`, default os.environ) decides when set;
+  otherwise an installed PJRT plugin (the `jax_plugins` entry points or
+  namespace package of jax[cuda*] / jax[rocm]) or libtpu means an accelerator.
   """
-  platforms = os.environ.get("JAX_PLATFORMS", "")
+  platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() != "cpu"
   if importlib.metadata.entry_points(group="jax_plugins"):
@@ -101,3 +104,77 @@ def reuse_freed_memory() -> str | None:
     if mallopt(param, value) != 1:
       return f"mallopt({param}, {value}) failed"
   return None
+
+
+#: The glibc tunable that makes malloc ask for transparent huge pages
+#: (madvise(MADV_HUGEPAGE) on the memory it maps; glibc >= 2.35).
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+#: Where Linux says when it backs memory with transparent huge pages.
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode(setting: str = THP_SETTING) -> str | None:
+  """The kernel's transparent-huge-page mode ('always', 'madvise' or
+  'never': the bracketed word of `setting`), None where it cannot be read."""
+  try:
+    with open(setting) as f:
+      words = f.read().split()
+  except OSError:
+    return None
+  return next((w[1:-1] for w in words if w.startswith("[")), None)
+
+
+def huge_pages_unneeded(environ: Mapping[str, str],
+                        setting: str = THP_SETTING) -> str | None:
+  """Why restarting with HUGE_PAGES_TUNABLE would change nothing; None if it would.
+
+  Each run of a compiled XLA:CPU program takes its scratch memory (GBs for
+  the full-size train steps) as fresh `mmap`ed pages from malloc, and the
+  kernel faults them in 4 KiB at a time, every step. With the tunable, malloc
+  asks for 2 MiB pages: 512x fewer faults. Measured on a 2-core Intel Xeon
+  (AVX-512) in interleaved runs: train steps MNIST -3 to -9 %, CIFAR-10
+  -2.5 %, CelebA-128 -6.5 %; on a 2-core AMD EPYC the step did not move.
+  The tunable is read once, when a process starts, hence the restart
+  (`restart_with_huge_pages`). It matters only where the kernel gives huge
+  pages on request ('madvise' mode), and only for the CPU backend (device
+  memory is not malloc's).
+  """
+  libc, version = platform.libc_ver()
+  if platform.system() != "Linux" or libc != "glibc":
+    return "not glibc"
+  if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+    return f"glibc {version} has no glibc.malloc.hugetlb (2.35+)"
+  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    return f"GLIBC_TUNABLES={environ['GLIBC_TUNABLES']}"
+  mode = thp_mode(setting)
+  if mode != "madvise":
+    return (f"transparent huge pages are '{mode}' ({setting})" if mode else
+            f"{setting} unreadable")
+  if accelerator_plugin_installed(environ):
+    return "an accelerator backend is installed"
+  return None
+
+
+def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+  """`environ` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES."""
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  return {**environ,
+          "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))}
+
+
+def restart_with_huge_pages() -> str:
+  """Re-executes this program with malloc asking for transparent huge pages.
+
+  The same interpreter, options and arguments (`sys.orig_argv`), the same
+  process id, with HUGE_PAGES_TUNABLE added to the environment. Does not
+  return when it restarts; otherwise returns why it did not
+  (`huge_pages_unneeded`), which in the restarted process names the tunable.
+  Call it first thing in a program's main, before any work worth keeping.
+  """
+  reason = huge_pages_unneeded(os.environ)
+  if reason is not None:
+    return reason
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+            with_huge_pages(os.environ))

@@ -64,6 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
   # GPU/TPU. `python -m benchmarks.run_all --sections train
   # --reuse-freed-memory` measures it on your machine.
   config.reuse_freed_memory = False
+  # CPU backend with glibc: the CLI restarts itself once with
+  # GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so malloc asks for transparent huge
+  # pages and each step's scratch memory faults in 2 MiB at a time instead of
+  # 4 KiB (train steps 2.5-9 % faster on a 2-core Intel Xeon, unchanged on an
+  # AMD EPYC). Only where the kernel's mode is 'madvise'
+  # (colddiff_jax.xla_cpu.huge_pages_unneeded); no effect on GPU/TPU.
+  config.transparent_huge_pages = True
 
   # ---------------------------------------------------------------- data ----
   config.data = data = ml_collections.ConfigDict()

@@ -130,10 +130,12 @@ def test_every_table_row_has_a_config_file():
 def test_default_has_every_section():
   config = default.get_config()
   assert set(config.keys()) == {"seed", "workdir", "compilation_cache",
-                                "reuse_freed_memory", "data",
+                                "reuse_freed_memory", "transparent_huge_pages",
+                                "data",
                                 "degradation", "model", "optim", "train",
                                 "sample", "eval", "mesh"}
   assert config.reuse_freed_memory is False
+  assert config.transparent_huge_pages is True
   assert isinstance(config.seed, int)
   assert isinstance(config.workdir, str)
   assert isinstance(config.compilation_cache, str)

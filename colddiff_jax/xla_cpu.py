@@ -46,6 +46,16 @@ def prefer_eigen_on_cpu() -> bool:
   return True
 
 
+def _glibc_version() -> tuple[int, int] | None:
+  """(major, minor) of the C library on Linux with glibc, else None (the
+  malloc settings here are glibc's)."""
+  libc, version = platform.libc_ver()
+  if platform.system() != "Linux" or libc != "glibc":
+    return None
+  major, minor = version.split(".")[:2]
+  return int(major), int(minor)
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -88,7 +98,7 @@ def reuse_freed_memory() -> str | None:
   `config.reuse_freed_memory` is set). Nothing is done for accelerator
   backends (device memory is not malloc's) or without glibc.
   """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if _glibc_version() is None:
     return "not glibc"
   if "jax" in sys.modules:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -139,11 +149,12 @@ def huge_pages_unneeded(environ: Mapping[str, str],
   pages on request ('madvise' mode), and only for the CPU backend (device
   memory is not malloc's).
   """
-  libc, version = platform.libc_ver()
-  if platform.system() != "Linux" or libc != "glibc":
+  version = _glibc_version()
+  if version is None:
     return "not glibc"
-  if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-    return f"glibc {version} has no glibc.malloc.hugetlb (2.35+)"
+  if version < (2, 35):
+    return (f"glibc {'.'.join(map(str, version))} has no "
+            "glibc.malloc.hugetlb (2.35+)")
   if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
     return f"GLIBC_TUNABLES={environ['GLIBC_TUNABLES']}"
   mode = thp_mode(setting)
